@@ -1,0 +1,668 @@
+"""GC ViT building blocks, one layer per concept of the paper.
+
+Every layer works on channels-last tensors and uses `keras.ops` only, so the
+model runs on the TensorFlow, JAX and PyTorch backends. Sub-layer and weight
+names mirror the official PyTorch code (``levels.0.blocks.1.attn.qkv`` lives
+in ``levels_0`` -> ``blocks[1]`` -> ``attn`` -> ``qkv``), which keeps the
+checkpoint mapping in `tfgcvit.weights` a plain table.
+"""
+
+import numpy as np
+import keras
+from keras import layers, ops
+
+PACKAGE = "tfgcvit"
+LAYER_NORM_EPSILON = 1e-5
+
+
+def _gelu(x):
+    # The official model uses PyTorch's exact (erf) GELU, not the tanh one.
+    return ops.gelu(x, approximate=False)
+
+
+def _layer_norm(name):
+    return layers.LayerNormalization(epsilon=LAYER_NORM_EPSILON, name=name)
+
+
+def _pad_symmetric(x, amount, value=0.0):
+    """Pads height and width by `amount` on every side, like PyTorch padding=amount."""
+    return ops.pad(
+        x,
+        [[0, 0], [amount, amount], [amount, amount], [0, 0]],
+        constant_values=value,
+    )
+
+
+def relative_position_index(window_size):
+    """Index into the bias table for each (query, key) pair of a window.
+
+    Same as the official `relative_position_index` buffer: for tokens i, j with
+    (row, col) coordinates, (dr + w - 1) * (2w - 1) + (dc + w - 1).
+    """
+    coords = np.stack(
+        np.meshgrid(np.arange(window_size), np.arange(window_size), indexing="ij")
+    ).reshape(2, -1)
+    relative = coords[:, :, None] - coords[:, None, :] + (window_size - 1)
+    return (relative[0] * (2 * window_size - 1) + relative[1]).astype("int32")
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class DropPath(layers.Layer):
+    """Stochastic depth: drops whole residual branches per sample in training."""
+
+    def __init__(self, rate=0.0, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"DropPath rate must be in [0, 1), got {rate}.")
+        self.rate = float(rate)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed) if rate > 0 else None
+
+    def call(self, inputs, training=None):
+        if not training or self.rate == 0.0:
+            return inputs
+        keep = 1.0 - self.rate
+        shape = (ops.shape(inputs)[0],) + (1,) * (len(inputs.shape) - 1)
+        noise = keras.random.uniform(
+            shape, dtype=inputs.dtype, seed=self.seed_generator
+        )
+        mask = ops.floor(keep + noise)
+        return inputs / keep * mask
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"rate": self.rate, "seed": self.seed})
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class SqueezeExcite(layers.Layer):
+    """Squeeze-and-excitation (official `SE`): channel gates from a pooled summary."""
+
+    def __init__(self, expansion=0.25, **kwargs):
+        super().__init__(**kwargs)
+        self.expansion = expansion
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        self.fc_0 = layers.Dense(int(channels * self.expansion), use_bias=False, name="fc_0")
+        self.fc_2 = layers.Dense(channels, use_bias=False, name="fc_2")
+        self.fc_0.build((None, channels))
+        self.fc_2.build((None, int(channels * self.expansion)))
+        self.built = True
+
+    def call(self, inputs):
+        gate = ops.mean(inputs, axis=(1, 2), keepdims=True)
+        gate = ops.sigmoid(self.fc_2(_gelu(self.fc_0(gate))))
+        return inputs * gate
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"expansion": self.expansion})
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class MBConv(layers.Layer):
+    """Residual fused-MBConv (official `ReduceSize.conv` / `FeatExtract.conv`).
+
+    x + pointwise(SE(GELU(depthwise3x3(x)))); the official Sequential indices
+    0, 2 and 3 name the depthwise conv, the SE and the pointwise conv.
+    """
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        self.conv_0 = layers.DepthwiseConv2D(3, padding="same", use_bias=False, name="conv_0")
+        self.se = SqueezeExcite(name="se")
+        self.conv_3 = layers.Conv2D(channels, 1, use_bias=False, name="conv_3")
+        shape = (None, None, None, channels)
+        self.conv_0.build(shape)
+        self.se.build(shape)
+        self.conv_3.build(shape)
+        self.built = True
+
+    def call(self, inputs):
+        x = _gelu(self.conv_0(inputs))
+        return inputs + self.conv_3(self.se(x))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class ReduceSize(layers.Layer):
+    """Down-sampling block: LayerNorm, MBConv, strided 3x3 conv, LayerNorm.
+
+    Args:
+        keep_dim: keep the channel count (stem) instead of doubling it (stages).
+    """
+
+    def __init__(self, keep_dim=False, **kwargs):
+        super().__init__(**kwargs)
+        self.keep_dim = keep_dim
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        out_channels = channels if self.keep_dim else 2 * channels
+        self.norm1 = _layer_norm("norm1")
+        self.conv = MBConv(name="conv")
+        self.reduction = layers.Conv2D(out_channels, 3, strides=2, use_bias=False, name="reduction")
+        self.norm2 = _layer_norm("norm2")
+        shape = (None, None, None, channels)
+        self.norm1.build(shape)
+        self.conv.build(shape)
+        self.reduction.build(shape)
+        self.norm2.build((None, None, None, out_channels))
+        self.built = True
+
+    def call(self, inputs):
+        x = self.conv(self.norm1(inputs))
+        # PyTorch pads 1 on every side; Keras "same" would pad bottom/right only.
+        x = self.reduction(_pad_symmetric(x, 1))
+        return self.norm2(x)
+
+    def compute_output_shape(self, input_shape):
+        batch, height, width, channels = input_shape
+        half = lambda n: None if n is None else (n - 1) // 2 + 1
+        return (batch, half(height), half(width), channels if self.keep_dim else 2 * channels)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"keep_dim": self.keep_dim})
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class PatchEmbed(layers.Layer):
+    """Stem: 3x3 stride-2 conv with bias, then a channel-keeping ReduceSize (stride 4)."""
+
+    def __init__(self, embed_dim, **kwargs):
+        super().__init__(**kwargs)
+        self.embed_dim = embed_dim
+
+    def build(self, input_shape):
+        self.proj = layers.Conv2D(self.embed_dim, 3, strides=2, name="proj")
+        self.conv_down = ReduceSize(keep_dim=True, name="conv_down")
+        self.proj.build(input_shape)
+        self.conv_down.build((None, None, None, self.embed_dim))
+        self.built = True
+
+    def call(self, inputs):
+        return self.conv_down(self.proj(_pad_symmetric(inputs, 1)))
+
+    def compute_output_shape(self, input_shape):
+        batch, height, width, _ = input_shape
+        quarter = lambda n: None if n is None else ((n - 1) // 2) // 2 + 1
+        return (batch, quarter(height), quarter(width), self.embed_dim)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"embed_dim": self.embed_dim})
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class FeatExtract(layers.Layer):
+    """Global-query feature extractor: MBConv, then (unless keep_dim) a 3x3/2 max-pool."""
+
+    def __init__(self, keep_dim=False, **kwargs):
+        super().__init__(**kwargs)
+        self.keep_dim = keep_dim
+
+    def build(self, input_shape):
+        self.conv = MBConv(name="conv")
+        self.conv.build(input_shape)
+        self.built = True
+
+    def call(self, inputs):
+        x = self.conv(inputs)
+        if self.keep_dim:
+            return x
+        # PyTorch MaxPool2d(3, 2, padding=1): padded cells never win.
+        x = _pad_symmetric(x, 1, value=float("-inf"))
+        return ops.max_pool(x, pool_size=3, strides=2, padding="valid")
+
+    def compute_output_shape(self, input_shape):
+        if self.keep_dim:
+            return input_shape
+        batch, height, width, channels = input_shape
+        half = lambda n: None if n is None else (n - 1) // 2 + 1
+        return (batch, half(height), half(width), channels)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"keep_dim": self.keep_dim})
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class GlobalQueryGen(layers.Layer):
+    """Turns a stage input into the stage's global query tokens, (B, w, w, C).
+
+    A chain of FeatExtract blocks (official `to_q_global`) brings the map to the
+    window size at the native resolution; at other resolutions the result is
+    resized bilinearly to w x w, as the official detection backbone does.
+
+    Args:
+        window_size: the stage's window size w.
+        keep_dims: one flag per FeatExtract block, True where it does not pool.
+    """
+
+    def __init__(self, window_size, keep_dims, **kwargs):
+        super().__init__(**kwargs)
+        self.window_size = window_size
+        self.keep_dims = tuple(keep_dims)
+
+    def build(self, input_shape):
+        self.to_q_global = [
+            FeatExtract(keep_dim=keep, name=f"to_q_global_{i}")
+            for i, keep in enumerate(self.keep_dims)
+        ]
+        for block in self.to_q_global:
+            block.build(input_shape)
+        self.built = True
+
+    def call(self, inputs):
+        x = inputs
+        for block in self.to_q_global:
+            x = block(x)
+        w = self.window_size
+        if x.shape[1] != w or x.shape[2] != w:
+            x = ops.image.resize(x, (w, w), interpolation="bilinear", antialias=False)
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.window_size, self.window_size, input_shape[-1])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"window_size": self.window_size, "keep_dims": list(self.keep_dims)})
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class WindowAttention(layers.Layer):
+    """Multi-head self-attention inside w x w windows, with relative position bias.
+
+    Local attention projects queries, keys and values from the window tokens
+    (`qkv`: C -> 3C). Global attention (`use_global_query=True`) projects only
+    keys and values (`qkv`: C -> 2C) and takes its queries from the stage's
+    global query, the same for every window of one image.
+
+    Inputs are windows shaped (B, num_windows, w*w, C); the global query is
+    (B, 1, heads, w*w, head_dim).
+    """
+
+    def __init__(
+        self,
+        window_size,
+        num_heads,
+        use_global_query=False,
+        qkv_bias=True,
+        qk_scale=None,
+        attn_drop=0.0,
+        proj_drop=0.0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.window_size = window_size
+        self.num_heads = num_heads
+        self.use_global_query = use_global_query
+        self.qkv_bias = qkv_bias
+        self.qk_scale = qk_scale
+        self.attn_drop = attn_drop
+        self.proj_drop = proj_drop
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        if channels % self.num_heads:
+            raise ValueError(
+                f"Channels ({channels}) must be divisible by num_heads ({self.num_heads})."
+            )
+        self.head_dim = channels // self.num_heads
+        self.scale = self.qk_scale or self.head_dim**-0.5
+        projections = 2 if self.use_global_query else 3
+        self.qkv = layers.Dense(projections * channels, use_bias=self.qkv_bias, name="qkv")
+        self.proj = layers.Dense(channels, name="proj")
+        self.attn_dropout = layers.Dropout(self.attn_drop, name="attn_drop")
+        self.proj_dropout = layers.Dropout(self.proj_drop, name="proj_drop")
+        self.qkv.build((None, channels))
+        self.proj.build((None, channels))
+        self.relative_position_bias_table = self.add_weight(
+            name="relative_position_bias_table",
+            shape=((2 * self.window_size - 1) ** 2, self.num_heads),
+            initializer=keras.initializers.TruncatedNormal(stddev=0.02),
+        )
+        self.relative_position_index = relative_position_index(self.window_size).reshape(-1)
+        self.built = True
+
+    def relative_position_bias(self):
+        tokens = self.window_size**2
+        bias = ops.take(self.relative_position_bias_table, self.relative_position_index, axis=0)
+        bias = ops.reshape(bias, (tokens, tokens, self.num_heads))
+        return ops.cast(ops.transpose(bias, (2, 0, 1)), self.compute_dtype)
+
+    def _split_heads(self, x, parts):
+        # (B, nW, N, parts * C) -> parts x (B, nW, heads, N, head_dim)
+        batch, windows, tokens = ops.shape(x)[0], ops.shape(x)[1], ops.shape(x)[2]
+        x = ops.reshape(x, (batch, windows, tokens, parts, self.num_heads, self.head_dim))
+        x = ops.transpose(x, (3, 0, 1, 4, 2, 5))
+        return [x[i] for i in range(parts)]
+
+    def call(self, inputs, global_query=None, training=None):
+        qkv = self.qkv(inputs)
+        if self.use_global_query:
+            key, value = self._split_heads(qkv, 2)
+            query = global_query
+        else:
+            query, key, value = self._split_heads(qkv, 3)
+        query = query * ops.cast(self.scale, query.dtype)
+        attn = ops.matmul(query, ops.swapaxes(key, -1, -2))
+        attn = ops.softmax(attn + self.relative_position_bias(), axis=-1)
+        attn = self.attn_dropout(attn, training=training)
+        x = ops.matmul(attn, value)  # (B, nW, heads, N, head_dim)
+        x = ops.transpose(x, (0, 1, 3, 2, 4))
+        shape = ops.shape(inputs)
+        x = ops.reshape(x, (shape[0], shape[1], shape[2], self.num_heads * self.head_dim))
+        return self.proj_dropout(self.proj(x), training=training)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "window_size": self.window_size,
+                "num_heads": self.num_heads,
+                "use_global_query": self.use_global_query,
+                "qkv_bias": self.qkv_bias,
+                "qk_scale": self.qk_scale,
+                "attn_drop": self.attn_drop,
+                "proj_drop": self.proj_drop,
+            }
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class MLP(layers.Layer):
+    """Transformer feed-forward: dense C -> hidden, GELU, dense back to C."""
+
+    def __init__(self, hidden_dim, drop=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden_dim = hidden_dim
+        self.drop = drop
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        self.fc1 = layers.Dense(self.hidden_dim, name="fc1")
+        self.fc2 = layers.Dense(channels, name="fc2")
+        self.dropout = layers.Dropout(self.drop, name="drop")
+        self.fc1.build((None, channels))
+        self.fc2.build((None, self.hidden_dim))
+        self.built = True
+
+    def call(self, inputs, training=None):
+        x = self.dropout(_gelu(self.fc1(inputs)), training=training)
+        return self.dropout(self.fc2(x), training=training)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"hidden_dim": self.hidden_dim, "drop": self.drop})
+        return config
+
+
+def window_partition(x, window_size):
+    """(B, H, W, C) with H, W multiples of w -> (B, H/w * W/w, w*w, C), row-major windows."""
+    batch, height, width, channels = ops.shape(x)
+    x = ops.reshape(
+        x, (batch, height // window_size, window_size, width // window_size, window_size, channels)
+    )
+    x = ops.transpose(x, (0, 1, 3, 2, 4, 5))
+    return ops.reshape(x, (batch, -1, window_size * window_size, channels))
+
+
+def window_reverse(windows, window_size, height, width):
+    """Inverse of `window_partition` for a padded map of size height x width."""
+    batch, channels = ops.shape(windows)[0], ops.shape(windows)[-1]
+    x = ops.reshape(
+        windows,
+        (batch, height // window_size, width // window_size, window_size, window_size, channels),
+    )
+    x = ops.transpose(x, (0, 1, 3, 2, 4, 5))
+    return ops.reshape(x, (batch, height, width, channels))
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class GCViTBlock(layers.Layer):
+    """One transformer block: windowed (local or global) attention, then MLP.
+
+    x = x + DropPath(gamma1 * Attn(LN1(x))); x = x + DropPath(gamma2 * MLP(LN2(x))).
+    Maps that are not a multiple of the window are zero-padded bottom/right after
+    the first norm and cropped back after attention, as in the official
+    detection backbone; at multiples of the window this is a no-op.
+    """
+
+    def __init__(
+        self,
+        window_size,
+        num_heads,
+        use_global_query=False,
+        mlp_ratio=3.0,
+        qkv_bias=True,
+        qk_scale=None,
+        drop=0.0,
+        attn_drop=0.0,
+        path_drop=0.0,
+        layer_scale=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.window_size = window_size
+        self.num_heads = num_heads
+        self.use_global_query = use_global_query
+        self.mlp_ratio = mlp_ratio
+        self.qkv_bias = qkv_bias
+        self.qk_scale = qk_scale
+        self.drop = drop
+        self.attn_drop = attn_drop
+        self.path_drop = path_drop
+        self.layer_scale = layer_scale
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        self.norm1 = _layer_norm("norm1")
+        self.attn = WindowAttention(
+            self.window_size,
+            self.num_heads,
+            use_global_query=self.use_global_query,
+            qkv_bias=self.qkv_bias,
+            qk_scale=self.qk_scale,
+            attn_drop=self.attn_drop,
+            proj_drop=self.drop,
+            name="attn",
+        )
+        self.norm2 = _layer_norm("norm2")
+        self.mlp = MLP(int(channels * self.mlp_ratio), drop=self.drop, name="mlp")
+        self.drop_path = DropPath(self.path_drop, name="drop_path")
+        shape = (None, None, None, channels)
+        self.norm1.build(shape)
+        self.attn.build(shape)
+        self.norm2.build(shape)
+        self.mlp.build(shape)
+        if self.layer_scale is not None:
+            init = keras.initializers.Constant(self.layer_scale)
+            self.gamma1 = self.add_weight(name="gamma1", shape=(channels,), initializer=init)
+            self.gamma2 = self.add_weight(name="gamma2", shape=(channels,), initializer=init)
+        else:
+            self.gamma1 = self.gamma2 = None
+        self.built = True
+
+    def _scale(self, x, gamma):
+        return x if gamma is None else x * ops.cast(gamma, x.dtype)
+
+    def _attention(self, x, global_query, training):
+        w = self.window_size
+        height, width = ops.shape(x)[1], ops.shape(x)[2]
+        pad_h = (w - height % w) % w
+        pad_w = (w - width % w) % w
+        needs_pad = not (isinstance(pad_h, int) and isinstance(pad_w, int) and pad_h == pad_w == 0)
+        if needs_pad:
+            x = ops.pad(x, [[0, 0], [0, pad_h], [0, pad_w], [0, 0]])
+        windows = window_partition(x, w)
+        windows = self.attn(windows, global_query=global_query, training=training)
+        x = window_reverse(windows, w, height + pad_h, width + pad_w)
+        if needs_pad:
+            x = x[:, :height, :width, :]
+        return x
+
+    def call(self, inputs, global_query=None, training=None):
+        x = self._attention(self.norm1(inputs), global_query, training)
+        x = inputs + self.drop_path(self._scale(x, self.gamma1), training=training)
+        y = self.mlp(self.norm2(x), training=training)
+        return x + self.drop_path(self._scale(y, self.gamma2), training=training)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "window_size": self.window_size,
+                "num_heads": self.num_heads,
+                "use_global_query": self.use_global_query,
+                "mlp_ratio": self.mlp_ratio,
+                "qkv_bias": self.qkv_bias,
+                "qk_scale": self.qk_scale,
+                "drop": self.drop,
+                "attn_drop": self.attn_drop,
+                "path_drop": self.path_drop,
+                "layer_scale": self.layer_scale,
+            }
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class GCViTLevel(layers.Layer):
+    """One stage (official `GCViTLayer`) without its downsample.
+
+    Builds the global query once from the stage input, then runs `depth` blocks
+    alternating local (even) and global (odd) attention. The downsample is a
+    separate `ReduceSize` layer so that the stage output is a feature map.
+
+    Args:
+        depth: number of blocks.
+        num_heads: attention heads.
+        window_size: window size w.
+        keep_dims: FeatExtract pooling flags of the global query generator.
+        path_drop: a rate, or one stochastic-depth rate per block.
+    """
+
+    def __init__(
+        self,
+        depth,
+        num_heads,
+        window_size,
+        keep_dims,
+        mlp_ratio=3.0,
+        qkv_bias=True,
+        qk_scale=None,
+        drop=0.0,
+        attn_drop=0.0,
+        path_drop=0.0,
+        layer_scale=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.depth = depth
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.keep_dims = tuple(keep_dims)
+        self.mlp_ratio = mlp_ratio
+        self.qkv_bias = qkv_bias
+        self.qk_scale = qk_scale
+        self.drop = drop
+        self.attn_drop = attn_drop
+        if isinstance(path_drop, (list, tuple)):
+            if len(path_drop) != depth:
+                raise ValueError(f"Expected {depth} path_drop rates, got {len(path_drop)}.")
+            self.path_drop = [float(rate) for rate in path_drop]
+        else:
+            self.path_drop = [float(path_drop)] * depth
+        self.layer_scale = layer_scale
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        if channels is None:
+            raise ValueError("GCViTLevel needs a known channel dimension.")
+        self.head_dim = channels // self.num_heads
+        self.q_global_gen = GlobalQueryGen(self.window_size, self.keep_dims, name="q_global_gen")
+        self.blocks = [
+            GCViTBlock(
+                self.window_size,
+                self.num_heads,
+                use_global_query=bool(i % 2),
+                mlp_ratio=self.mlp_ratio,
+                qkv_bias=self.qkv_bias,
+                qk_scale=self.qk_scale,
+                drop=self.drop,
+                attn_drop=self.attn_drop,
+                path_drop=self.path_drop[i],
+                layer_scale=self.layer_scale,
+                name=f"blocks_{i}",
+            )
+            for i in range(self.depth)
+        ]
+        shape = (None, None, None, channels)
+        self.q_global_gen.build(shape)
+        for block in self.blocks:
+            block.build(shape)
+        self.built = True
+
+    def global_query(self, inputs):
+        """(B, H, W, C) -> (B, 1, heads, w*w, head_dim): channel c goes to head c // head_dim."""
+        q = self.q_global_gen(inputs)
+        batch = ops.shape(q)[0]
+        q = ops.reshape(q, (batch, 1, self.window_size**2, self.num_heads, self.head_dim))
+        return ops.transpose(q, (0, 1, 3, 2, 4))
+
+    def call(self, inputs, training=None):
+        global_query = self.global_query(inputs)
+        x = inputs
+        for block in self.blocks:
+            x = block(x, global_query=global_query, training=training)
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "depth": self.depth,
+                "num_heads": self.num_heads,
+                "window_size": self.window_size,
+                "keep_dims": list(self.keep_dims),
+                "mlp_ratio": self.mlp_ratio,
+                "qkv_bias": self.qkv_bias,
+                "qk_scale": self.qk_scale,
+                "drop": self.drop,
+                "attn_drop": self.attn_drop,
+                "path_drop": self.path_drop,
+                "layer_scale": self.layer_scale,
+            }
+        )
+        return config
