@@ -1,0 +1,68 @@
+"""Shared test set-up: fixture paths, the slow marker, weights with realistic magnitudes."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+FIXTURES = SHARED / "fixtures"
+REFERENCE = SHARED / "reference"
+
+# The fixture model: the official GCViT class with these arguments (custom_224_config.json).
+FIXTURE_CONFIG = dict(
+    window_size=(7, 7, 14, 7),
+    embed_dim=16,
+    depths=(2, 2, 3, 2),
+    num_heads=(1, 2, 4, 8),
+    mlp_ratio=3,
+    layer_scale=1e-5,
+    classes=10,
+    classifier_activation=None,
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("TFGCVIT_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: set TFGCVIT_SLOW=1 (make test-slow) to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def tolerance(reference):
+    """The parity tolerance of the project: 1e-4 * max(1, max |reference|)."""
+    return 1e-4 * max(1.0, float(np.max(np.abs(reference))))
+
+
+@pytest.fixture(scope="session")
+def golden():
+    return dict(np.load(FIXTURES / "custom_224_golden.npz"))
+
+
+@pytest.fixture(scope="session")
+def fixture_state_dict():
+    """The fixture's `state_dict`, read with torch as the official code wrote it."""
+    torch = pytest.importorskip("torch")
+    checkpoint = torch.load(FIXTURES / "custom_224.pth.tar", map_location="cpu", weights_only=False)
+    return {name: tensor.numpy() for name, tensor in checkpoint["state_dict"].items()}
+
+
+@pytest.fixture(scope="session")
+def fixture_ema_state_dict():
+    torch = pytest.importorskip("torch")
+    checkpoint = torch.load(FIXTURES / "custom_224.pth.tar", map_location="cpu", weights_only=False)
+    return {name: tensor.numpy() for name, tensor in checkpoint["state_dict_ema"].items()}
+
+
+@pytest.fixture(scope="session")
+def fixture_model(fixture_state_dict):
+    """The fixture architecture with the fixture weights (224x224 input)."""
+    from tfgcvit import GCViT, load_torch_weights
+
+    model = GCViT(**FIXTURE_CONFIG)
+    load_torch_weights(model, fixture_state_dict)
+    return model
