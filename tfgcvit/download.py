@@ -1,0 +1,354 @@
+"""Downloading checkpoints into a local cache, safely.
+
+The cache directory is `$TFGCVIT_HOME` when set, else `~/.cache/tfgcvit`.
+Downloads go to `<cache>/checkpoints/`. A file only appears there once it is
+complete and its sha256 checked: it is written to a temporary file in the same
+directory and moved into place with `os.replace`, which is atomic, so an
+interrupted, truncated or corrupted download never leaves a file that a later
+run would trust. Next to each file, `<name>.sha256` records its digest; later
+uses check the file against it.
+
+`TFGCVIT_MIRROR` replaces the official host for the official checkpoints: set
+it to a base URL (`https://mirror.example/gcvit/`) or a local directory that
+holds files with the official names. Hashes still apply.
+"""
+
+import hashlib
+import http.client
+import os
+import socket
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+try:  # Locking is an optimisation (one download instead of two); os.replace keeps it safe without.
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "tfgcvit")
+USER_AGENT = "tfgcvit (+https://github.com/NVlabs/GCVit weights converter)"
+_CHUNK_BYTES = 1024 * 1024
+_TIMEOUT_SECONDS = 60
+_PROGRESS_INTERVAL_SECONDS = 0.25
+_HASH_CHUNK_BYTES = 8 * 1024 * 1024
+
+# Files whose unpinned digest was already announced in this process (say it once).
+_ANNOUNCED = set()
+
+
+class DownloadError(OSError):
+    """A file could not be downloaded, or what arrived is not what was expected."""
+
+
+def cache_dir():
+    """The tfgcvit cache directory: `$TFGCVIT_HOME`, else `~/.cache/tfgcvit`."""
+    return os.path.abspath(os.path.expanduser(os.environ.get("TFGCVIT_HOME") or DEFAULT_CACHE_DIR))
+
+
+def checkpoints_dir():
+    """Where downloaded checkpoints are kept: `<cache>/checkpoints`."""
+    return os.path.join(cache_dir(), "checkpoints")
+
+
+def file_sha256(path):
+    """The hex sha256 digest of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(_HASH_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def mirrored(url):
+    """`url` with its host replaced by `$TFGCVIT_MIRROR` when that is set.
+
+    Args:
+        url: an official download URL.
+
+    Returns:
+        The URL itself without a mirror; `<mirror>/<file name>` for a mirror
+        URL; a local path `<mirror>/<file name>` for a mirror directory.
+    """
+    mirror = os.environ.get("TFGCVIT_MIRROR", "").strip()
+    if not mirror:
+        return url
+    name = _url_file_name(url)
+    if mirror.startswith(("http://", "https://", "file://")):
+        return mirror.rstrip("/") + "/" + urllib.parse.quote(name)
+    return os.path.join(os.path.expanduser(mirror), name)
+
+
+def _url_file_name(url):
+    name = os.path.basename(urllib.parse.unquote(urllib.parse.urlparse(url).path))
+    return name
+
+
+def _safe_file_name(name, url):
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ValueError(
+            f"Cannot derive a file name from {url!r}; pass filename='name.pth.tar' to fetch()."
+        )
+    return name
+
+
+def _hint(url, filename):
+    return (
+        f"The cache directory is {cache_dir()} (set TFGCVIT_HOME to change it). Without "
+        f"network access, download {url} elsewhere and pass its path, e.g. "
+        f"weights='/path/to/{filename}', or set TFGCVIT_MIRROR to a server URL or a "
+        "local directory holding the file."
+    )
+
+
+def _sidecar_path(path):
+    return path + ".sha256"
+
+
+def _read_sidecar(path):
+    try:
+        with open(_sidecar_path(path), encoding="utf-8") as file:
+            digest = file.read().split()[0].lower()
+    except (OSError, IndexError):
+        return None
+    return digest if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest) else None
+
+
+def _write_atomically(path, text):
+    directory = os.path.dirname(path)
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".txt")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        _remove_quietly(temporary)
+        raise
+
+
+def _write_sidecar(path, digest):
+    _write_atomically(_sidecar_path(path), f"{digest}  {os.path.basename(path)}\n")
+
+
+def _remove_quietly(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+class _Lock:
+    """An exclusive lock on `<path>.lock` (fcntl), so concurrent fetches download once."""
+
+    def __init__(self, path):
+        self.path = path + ".lock"
+        self.file = None
+
+    def __enter__(self):
+        if fcntl is not None:
+            self.file = open(self.path, "a+b")
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.file is not None:
+            # The lock file stays: removing it would let a third process lock a fresh inode.
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
+            self.file.close()
+
+
+class _Progress:
+    """A one-line progress display on stderr: bytes, percentage, MB/s."""
+
+    def __init__(self, name, total, enabled):
+        self.name, self.total, self.enabled = name, total, enabled
+        self.start = self.last = time.monotonic()
+        self.done = 0
+
+    def update(self, count):
+        self.done += count
+        now = time.monotonic()
+        if self.enabled and now - self.last >= _PROGRESS_INTERVAL_SECONDS:
+            self.last = now
+            self._show(now)
+
+    def finish(self):
+        if self.enabled:
+            self._show(time.monotonic())
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+    def _show(self, now):
+        rate = self.done / max(now - self.start, 1e-6) / 1e6
+        if self.total:
+            text = f"{self.done / 1e6:.1f}/{self.total / 1e6:.1f} MB ({100 * self.done / self.total:.0f}%)"
+        else:
+            text = f"{self.done / 1e6:.1f} MB"
+        sys.stderr.write(f"\rDownloading {self.name}: {text} {rate:.1f} MB/s ")
+        sys.stderr.flush()
+
+
+def _progress_enabled(progress):
+    stream = sys.stderr
+    return bool(progress) and hasattr(stream, "isatty") and stream.isatty()
+
+
+def _check_digest(path, expected, what):
+    actual = file_sha256(path)
+    if expected is not None and actual != expected:
+        raise DownloadError(
+            f"{what} has sha256 {actual}, expected {expected}: the file is corrupted or "
+            "is not the published one."
+        )
+    return actual
+
+
+def _verified_cached_file(path, sha256):
+    """`path` if it exists and matches its pinned or recorded digest, else None (and it is removed)."""
+    if not os.path.isfile(path):
+        return None
+    expected = sha256 or _read_sidecar(path)
+    actual = file_sha256(path)
+    if expected is None:
+        # A file put there by hand: trust it, and check it from now on.
+        _write_sidecar(path, actual)
+        return path
+    if actual == expected:
+        return path
+    sys.stderr.write(
+        f"tfgcvit: cached {path} has sha256 {actual}, expected {expected}; "
+        "deleting it and downloading again.\n"
+    )
+    _remove_quietly(path)
+    _remove_quietly(_sidecar_path(path))
+    return None
+
+
+def _download(url, destination, sha256, progress):
+    """Downloads `url` to `destination` atomically; returns the sha256 of what arrived."""
+    directory = os.path.dirname(destination)
+    name = os.path.basename(destination)
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".part")
+    try:
+        digest = hashlib.sha256()
+        request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+        with os.fdopen(handle, "wb") as output, \
+                urllib.request.urlopen(request, timeout=_TIMEOUT_SECONDS) as response:
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            display = _Progress(name, total, _progress_enabled(progress))
+            while True:
+                chunk = response.read(_CHUNK_BYTES)
+                if not chunk:
+                    break
+                output.write(chunk)
+                digest.update(chunk)
+                display.update(len(chunk))
+            display.finish()
+            if total is not None and display.done != total:
+                raise DownloadError(
+                    f"The download of {url} is truncated: {display.done} of {total} bytes arrived."
+                )
+            output.flush()
+            os.fsync(output.fileno())
+        actual = digest.hexdigest()
+        if sha256 is not None and actual != sha256:
+            raise DownloadError(
+                f"The file downloaded from {url} has sha256 {actual}, expected {sha256}: "
+                "it was corrupted in transit or the server sent another file. Nothing was "
+                "kept; try again."
+            )
+        _write_sidecar(destination, actual)  # First, so the file never exists without it.
+        os.replace(temporary, destination)
+        return actual
+    except BaseException:
+        _remove_quietly(temporary)
+        raise
+
+
+def _describe(error):
+    if isinstance(error, urllib.error.HTTPError):
+        return f"HTTP error {error.code} {error.reason}"
+    if isinstance(error, urllib.error.URLError):
+        return f"cannot reach the server ({error.reason})"
+    if isinstance(error, http.client.IncompleteRead):
+        return f"the connection closed early ({len(error.partial)} bytes in the last read)"
+    if isinstance(error, (socket.timeout, TimeoutError)):
+        return "the connection timed out"
+    return f"{type(error).__name__}: {error}"
+
+
+def _fetch_local(path, sha256):
+    """A mirror directory or file:// source: check it in place, no copy."""
+    if not os.path.isfile(path):
+        raise DownloadError(
+            f"{path} does not exist. TFGCVIT_MIRROR points to a directory that must hold "
+            "the checkpoints under their official file names."
+        )
+    if sha256 is not None:
+        _check_digest(path, sha256, path)
+    return path
+
+
+def fetch(url, sha256=None, filename=None, progress=True):
+    """Returns a local path of the file at `url`, downloading it into the cache if needed.
+
+    A cached file is checked against `sha256` (or, when no hash is pinned, the
+    digest recorded when it was downloaded) and downloaded again if it differs.
+    Concurrent fetches of the same file, by threads or processes, are safe.
+
+    Args:
+        url: an http(s) or file:// URL, or a local path (e.g. the result of
+            `mirrored`). Local files are checked and used in place.
+        sha256: the expected hex digest, or None when none is published: then
+            the digest of the download is printed once and recorded.
+        filename: the name in the cache; defaults to the URL's last component.
+        progress: show a progress line on stderr (only when it is a terminal).
+
+    Returns:
+        The path of the verified file.
+
+    Raises:
+        DownloadError: the server cannot be reached, answers with an error,
+            or sends a truncated or corrupted file.
+    """
+    sha256 = sha256.lower() if sha256 else None
+    if not url.startswith(("http://", "https://", "file://")):
+        return _fetch_local(os.path.expanduser(url), sha256)
+    if url.startswith("file://"):
+        return _fetch_local(urllib.request.url2pathname(urllib.parse.urlparse(url).path), sha256)
+
+    filename = _safe_file_name(filename or _url_file_name(url), url)
+    directory = checkpoints_dir()
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as error:
+        raise DownloadError(
+            f"Cannot create the cache directory {directory} ({error}). Set TFGCVIT_HOME "
+            "to a writable directory."
+        ) from None
+    destination = os.path.join(directory, filename)
+
+    with _Lock(destination):
+        cached = _verified_cached_file(destination, sha256)
+        if cached is not None:
+            return cached
+        try:
+            actual = _download(url, destination, sha256, progress)
+        except DownloadError as error:
+            raise DownloadError(f"{error} {_hint(url, filename)}") from None
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as error:
+            raise DownloadError(
+                f"Could not download {url}: {_describe(error)}. {_hint(url, filename)}"
+            ) from None
+    if sha256 is None and destination not in _ANNOUNCED:
+        _ANNOUNCED.add(destination)
+        sys.stderr.write(
+            f"tfgcvit: no published sha256 for {filename}; downloaded file has sha256 "
+            f"{actual}, recorded in {_sidecar_path(destination)} and checked on later loads.\n"
+        )
+    return destination
+
