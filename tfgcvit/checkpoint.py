@@ -29,7 +29,6 @@ import pickletools
 import re
 import struct
 import zipfile
-import zlib
 
 import numpy as np
 
