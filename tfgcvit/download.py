@@ -284,9 +284,11 @@ def _describe(error):
 def _fetch_local(path, sha256):
     """A mirror directory or file:// source: check it in place, no copy."""
     if not os.path.isfile(path):
+        name = os.path.basename(path)
         raise DownloadError(
             f"{path} does not exist. TFGCVIT_MIRROR points to a directory that must hold "
-            "the checkpoints under their official file names."
+            f"the checkpoints under their official file names: put {name} there, unset "
+            f"TFGCVIT_MIRROR to download it, or pass weights='/path/to/{name}'."
         )
     if sha256 is not None:
         _check_digest(path, sha256, path)
