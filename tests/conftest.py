@@ -6,6 +6,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# torchvision (imported by timm) crashes the process when it loads after
+# TensorFlow, so the torch stack is imported before any test imports Keras.
+try:
+    import timm  # noqa: F401
+    import torch  # noqa: F401
+except ImportError:
+    pass
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 FIXTURES = SHARED / "fixtures"
