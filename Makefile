@@ -14,9 +14,13 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# Classify the sample photos with pretrained GC ViT-Tiny.
+# Classify the sample photos with pretrained GC ViT-Tiny: the official checkpoint is
+# downloaded and converted once. Offline, pass a local checkpoint instead:
+#   make demo WEIGHTS=/path/to/gcvit_1k_tiny.pth.tar [MODEL=tiny]
+MODEL ?= tiny
+WEIGHTS ?=
 demo: venv
-	$(VENV)/bin/tfgcvit predict examples/images/*
+	$(VENV)/bin/tfgcvit predict --model $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS)) examples/images/*.jpg
 
 # The whole suite: everything on TensorFlow, then the backend tests on JAX and PyTorch.
 test: venv

@@ -1,0 +1,729 @@
+"""The `tfgcvit` command: predict, evaluate, info, convert and benchmark.
+
+Exit codes: 0 on success; 1 when something failed at run time (a missing
+model file, weights that cannot be downloaded, an image that cannot be read -
+in which case the other images are still processed and reported); 2 for a
+wrong command line. Errors are one line on stderr, never a traceback; set
+TFGCVIT_DEBUG=1 to see the traceback of an unexpected error.
+"""
+
+import argparse
+import concurrent.futures
+import contextlib
+import importlib
+import itertools
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+PROG = "tfgcvit"
+DEFAULT_MODEL = "tiny"
+# Without a registry entry for the weights (a local or custom checkpoint),
+# evaluate like timm's default test transform.
+DEFAULT_CROP_PCT = 0.875
+CUSTOM_MODEL = "custom"
+CUSTOM_CONFIG_KEYS = ("dim", "depths", "num_heads", "window_size", "mlp_ratio", "layer_scale", "num_classes")
+PRETRAINED_NAMES = ("imagenet", "imagenet21k")
+TFDS_PREFIX = "tfds:"
+WEIGHTS_NOTE = "Official pretrained weights: NVIDIA, CC-BY-NC-SA-4.0 (non-commercial use only)."
+
+
+class CommandError(Exception):
+    """A failure to report as one line on stderr, with exit code 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are a single line."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _print_error(message):
+    # Exceptions from libraries can span lines; the contract is one line.
+    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Hides what native libraries write to file descriptor 2 inside the block.
+
+    TensorFlow's C++ runtime prints start-up banners (oneDNN, CPU features) to
+    stderr on import, whatever TF_CPP_MIN_LOG_LEVEL says; they would bury the
+    command's own messages.
+    """
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _import_keras():
+    """Imports Keras (and its backend) without TensorFlow's native start-up noise."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with _native_stderr_silenced():
+        import keras
+
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow  # noqa: F401  (its banners come on first import)
+
+
+# Parameter counts ------------------------------------------------------------
+
+
+def count_parameters(embed_dim, depths, num_heads, window_size, mlp_ratio, layer_scale, classes=1000):
+    """The number of weights of a GC ViT, computed from its hyper-parameters.
+
+    Counts what the official code counts as parameters (no
+    `relative_position_index` buffers) and what `model.count_params()` of the
+    Keras model gives, without building the model (the large ones take minutes).
+
+    Args:
+        embed_dim, depths, num_heads, window_size, mlp_ratio, layer_scale: as
+            for `tfgcvit.GCViT`.
+        classes: classes of the head; 0 for a model without head.
+
+    Returns:
+        The parameter count, an int.
+    """
+
+    def mbconv(channels):
+        squeezed = int(channels * 0.25)
+        return 9 * channels + 2 * channels * squeezed + channels * channels
+
+    def reduce_size(channels, out_channels):
+        return 2 * channels + mbconv(channels) + 9 * channels * out_channels + 2 * out_channels
+
+    from tfgcvit.model import QUERY_KEEP_DIMS
+
+    total = 27 * embed_dim + embed_dim + reduce_size(embed_dim, embed_dim)
+    for stage, (depth, heads, window) in enumerate(zip(depths, num_heads, window_size)):
+        channels = embed_dim * 2**stage
+        hidden = int(channels * mlp_ratio)
+        # One MBConv per feature-extract block of the stage's global query generator.
+        total += len(QUERY_KEEP_DIMS[stage]) * mbconv(channels)
+        for block in range(depth):
+            # Even blocks are local attention (q, k, v), odd ones global (k, v only).
+            projections = 3 if block % 2 == 0 else 2
+            total += 2 * channels  # norm1
+            total += channels * projections * channels + projections * channels
+            total += (2 * window - 1) ** 2 * heads
+            total += channels * channels + channels  # proj
+            total += 2 * channels  # norm2
+            total += channels * hidden + hidden + hidden * channels + channels
+            if layer_scale is not None:
+                total += 2 * channels
+        if stage < len(depths) - 1:
+            total += reduce_size(channels, 2 * channels)
+    final_channels = embed_dim * 2 ** (len(depths) - 1)
+    total += 2 * final_channels
+    if classes:
+        total += final_channels * classes + classes
+    return total
+
+
+# Building the model ----------------------------------------------------------
+
+
+def _read_custom_config(path):
+    try:
+        with open(path) as file:
+            config = json.load(file)
+    except FileNotFoundError:
+        raise CommandError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CommandError(f"{path}: not a JSON config file ({error})") from None
+    missing = [key for key in CUSTOM_CONFIG_KEYS if key not in config] if isinstance(config, dict) else None
+    if missing is None or missing:
+        raise CommandError(
+            f"{path}: a custom model config needs the keys {', '.join(CUSTOM_CONFIG_KEYS)}"
+            + (f"; missing {', '.join(missing)}" if missing else "")
+        )
+    return config
+
+
+def _resolve_model(args):
+    """What to build and how to preprocess, from --model/--weights/--config/--size.
+
+    Returns:
+        A dict with "build" (a function of no arguments giving the model),
+        "size", "crop_pct", "crop_mode", "classes", "name" and "weights".
+    """
+    from tfgcvit.model import ALIASES, VARIANTS
+
+    model_name = args.model.lower().replace("-", "_")
+    crop_pct, crop_mode = DEFAULT_CROP_PCT, "center"
+    if model_name == CUSTOM_MODEL:
+        if not args.config:
+            raise CommandError("--model custom needs --config FILE (JSON with the architecture)")
+        if not args.weights:
+            raise CommandError("--model custom needs --weights PATH: random weights would predict noise")
+        if args.classes:
+            raise CommandError("--classes does not apply to --model custom: the config's num_classes does")
+        config = _read_custom_config(args.config)
+        size = args.size or int(config.get("res", 224))
+        classes = int(config["num_classes"])
+        weights = args.weights
+
+        def build():
+            from tfgcvit.model import GCViT
+
+            return GCViT(
+                window_size=config["window_size"],
+                embed_dim=config["dim"],
+                depths=config["depths"],
+                num_heads=config["num_heads"],
+                mlp_ratio=config["mlp_ratio"],
+                layer_scale=config["layer_scale"],
+                classes=classes,
+                weights=weights,
+                input_shape=(size, size, 3),
+                model_name="gcvit_custom",
+            )
+
+    else:
+        if args.config:
+            raise CommandError("--config is only used with --model custom")
+        variant = ALIASES.get(model_name, model_name)
+        if variant not in VARIANTS:
+            raise CommandError(
+                f"unknown model {args.model!r}; choose one of {', '.join(VARIANTS)}, "
+                f"{', '.join(ALIASES)} or {CUSTOM_MODEL}"
+            )
+        weights = args.weights or VARIANTS[variant]["weights"]
+        size = args.size or VARIANTS[variant]["input_size"]
+        classes = args.classes or 1000
+        if weights in PRETRAINED_NAMES:
+            from tfgcvit.pretrained import checkpoint_entry
+
+            try:
+                entry = checkpoint_entry(variant, weights)
+            except ValueError as error:
+                raise CommandError(str(error)) from None
+            crop_pct, crop_mode = entry["crop_pct"], entry["crop_mode"]
+
+        def build():
+            from tfgcvit.model import get_constructor
+
+            return get_constructor(variant)(weights=weights, classes=classes, input_shape=(size, size, 3))
+
+        model_name = variant
+
+    if args.crop_pct is not None:
+        crop_pct = args.crop_pct
+    if args.crop_mode is not None:
+        crop_mode = args.crop_mode
+    return dict(build=build, size=size, crop_pct=crop_pct, crop_mode=crop_mode,
+                classes=classes, name=model_name, weights=weights)
+
+
+def _build_model(resolved):
+    """Builds the model; turns loading failures into one line."""
+    try:
+        return resolved["build"]()
+    except (OSError, ValueError) as error:
+        # OSError: missing or unreadable files, failed downloads (DownloadError).
+        # ValueError: mismatched or malformed checkpoints, bad hyper-parameters.
+        raise CommandError(str(error)) from None
+
+
+def _predict_probabilities(model, images):
+    """Runs the model on a batch of uint8 RGB images; returns float probabilities."""
+    from tfgcvit.preprocessing import preprocess_input
+
+    batch = preprocess_input(np.stack(images))
+    return np.asarray(model.predict_on_batch(batch), dtype=np.float64)
+
+
+def _top_indices(probabilities, k):
+    """Indices of the k largest values of each row, best first (ties: lower index)."""
+    return np.argsort(-probabilities, axis=-1, kind="stable")[..., :k]
+
+
+# predict ---------------------------------------------------------------------
+
+
+def _class_names(classes, labels_path):
+    if labels_path:
+        try:
+            with open(labels_path, encoding="utf-8") as file:
+                names = [line.strip() for line in file if line.strip()]
+        except (OSError, UnicodeDecodeError) as error:
+            raise CommandError(f"cannot read labels file {labels_path}: {error}") from None
+        if len(names) != classes:
+            raise CommandError(
+                f"{labels_path} has {len(names)} labels but the model has {classes} classes"
+            )
+        return names
+    if classes == 1000:
+        from tfgcvit.preprocessing import imagenet_classes
+
+        return [names.split(",")[0].strip() for _, names in imagenet_classes()]
+    return [str(index) for index in range(classes)]
+
+
+def _chunks(iterable, size):
+    iterator = iter(iterable)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def _prepared_batches(items, batch_size, prepare, workers):
+    """Prepares items in threads, one batch ahead of the model.
+
+    Args:
+        items: an iterable of inputs to `prepare`.
+        batch_size: items per batch.
+        prepare: function item -> uint8 image; may raise `ImageLoadError`.
+        workers: number of threads.
+
+    Yields:
+        (items, results) per batch, where each result is (image, None) or
+        (None, error message).
+    """
+    from tfgcvit.images import ImageLoadError
+
+    def attempt(item):
+        try:
+            return prepare(item), None
+        except ImageLoadError as error:
+            return None, str(error)
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+        chunks = _chunks(items, batch_size)
+        current = next(chunks, None)
+        pending = [pool.submit(attempt, item) for item in current] if current else []
+        while current:
+            following = next(chunks, None)
+            ahead = [pool.submit(attempt, item) for item in following] if following else []
+            yield current, [future.result() for future in pending]
+            current, pending = following, ahead
+
+
+def _predict(args):
+    from tfgcvit.images import evaluation_transform, load_image
+
+    resolved = _resolve_model(args)
+    names = _class_names(resolved["classes"], args.labels)
+    model = _build_model(resolved)
+    top = min(args.top, resolved["classes"])
+
+    def prepare(path):
+        return evaluation_transform(load_image(path), resolved["size"], resolved["crop_pct"], resolved["crop_mode"])
+
+    records, failures = [], 0
+    for paths, results in _prepared_batches(args.images, args.batch_size, prepare, args.workers):
+        good = [image for image, _ in results if image is not None]
+        probabilities = _predict_probabilities(model, good) if good else []
+        rows = iter(zip(probabilities, _top_indices(probabilities, top) if good else []))
+        # Command-line order, failures in place.
+        for path, (image, message) in zip(paths, results):
+            if message is not None:
+                failures += 1
+                _print_error(message)
+                records.append({"image": path, "error": message})
+                continue
+            row, best = next(rows)
+            predictions = [{"index": int(i), "label": names[i], "probability": float(row[i])} for i in best]
+            records.append({"image": path, "predictions": predictions})
+            if not args.json:
+                print(path)
+                for rank, prediction in enumerate(predictions, 1):
+                    print(f"  {rank}. {prediction['probability']:.4f}  {prediction['label']}")
+    if args.json:
+        json.dump({"model": resolved["name"], "weights": resolved["weights"], "size": resolved["size"],
+                   "crop_pct": resolved["crop_pct"], "crop_mode": resolved["crop_mode"],
+                   "results": records}, sys.stdout, indent=1)
+        print()
+    if failures:
+        if len(args.images) > 1:
+            _print_error(f"{failures} of {len(args.images)} images could not be read")
+        return 1
+    return 0
+
+
+# evaluate --------------------------------------------------------------------
+
+
+def list_image_folder(root):
+    """Lists (path, class index) for a folder laid out like ImageNet-v2.
+
+    The folder holds one subfolder per class, named by the class index
+    (0, 1, ..., 999), each holding that class's image files. Hidden files and
+    files directly in `root` are ignored.
+
+    Returns:
+        A list of (path, label), sorted by class index then file name.
+
+    Raises:
+        CommandError: the folder is missing, empty, or laid out differently.
+    """
+    if not os.path.exists(root):
+        raise CommandError(f"{root}: no such folder")
+    if not os.path.isdir(root):
+        raise CommandError(f"{root}: not a folder (expected subfolders 0, 1, ... of images, or tfds:imagenet_v2)")
+    folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+    if not folders:
+        raise CommandError(f"{root}: no class folders (expected subfolders named 0, 1, ... holding images)")
+    misnamed = [name for name in folders if not name.isdigit()]
+    if misnamed:
+        raise CommandError(
+            f"{root}: class folders must be named by class index (0, 1, ...); found "
+            + ", ".join(repr(name) for name in misnamed[:5])
+            + (f" and {len(misnamed) - 5} more" if len(misnamed) > 5 else "")
+        )
+    items = []
+    for name in sorted(folders, key=int):
+        folder = os.path.join(root, name)
+        files = sorted(entry.name for entry in os.scandir(folder) if entry.is_file() and not entry.name.startswith("."))
+        items.extend((os.path.join(folder, file), int(name)) for file in files)
+    if not items:
+        raise CommandError(f"{root}: the class folders hold no files")
+    return items
+
+
+def _evenly_spaced(items, limit):
+    # A quick look at many classes rather than the first few classes only.
+    if limit is None or limit >= len(items):
+        return items
+    return [items[i * len(items) // limit] for i in range(limit)]
+
+
+def _tfds_source(spec, limit):
+    """(iterator of (image array, label), count) for `tfds:NAME[:SPLIT]`."""
+    name, _, split = spec[len(TFDS_PREFIX):].partition(":")
+    split = split or "test"
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise CommandError(
+            f"{spec} needs tensorflow-datasets: pip install 'tfgcvit[datasets]', "
+            "or pass a folder of class subfolders instead"
+        ) from None
+    try:
+        dataset, info = tfds.load(name, split=split, download=False, with_info=True, shuffle_files=False)
+    except Exception as error:  # noqa: BLE001  tfds raises many types for "not prepared"
+        raise CommandError(
+            f"cannot load {spec} from the TFDS data folder (prepare it first with "
+            f"`tfds build {name}`): {error}"
+        ) from None
+    count = info.splits[split].num_examples
+    if limit is not None:
+        dataset, count = dataset.take(limit), min(limit, count)
+    records = ((example["image"], int(example["label"])) for example in tfds.as_numpy(dataset))
+    return records, count
+
+
+class _Progress:
+    """A progress line on stderr: done/total, percentage and images per second."""
+
+    def __init__(self, total, stream=None, interval=10.0):
+        self.total, self.stream = total, stream or sys.stderr
+        self.interactive = self.stream.isatty()
+        # Redrawing in place on a terminal; a new line every `interval` s in logs.
+        self.interval = 0.1 if self.interactive else interval
+        self.start = self.last = time.perf_counter()
+        self.done = 0
+
+    def rate(self):
+        return self.done / max(time.perf_counter() - self.start, 1e-9)
+
+    def update(self, count):
+        self.done += count
+        now = time.perf_counter()
+        if now - self.last >= self.interval or self.done >= self.total:
+            self.last = now
+            self._draw()
+
+    def _draw(self):
+        fraction = self.done / self.total if self.total else 1.0
+        width = 30
+        bar = "#" * int(fraction * width) + "-" * (width - int(fraction * width))
+        line = f"[{bar}] {self.done}/{self.total} {fraction:4.0%} {self.rate():.1f} img/s"
+        self.stream.write(f"\r{line}" if self.interactive else f"{line}\n")
+        self.stream.flush()
+
+    def close(self):
+        if self.interactive:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _evaluate(args):
+    from tfgcvit.images import (
+        decode_like_tensorflow,
+        evaluation_transform,
+        load_image,
+        seed_port_transform,
+    )
+
+    resolved = _resolve_model(args)
+    size = resolved["size"]
+
+    if args.data.startswith(TFDS_PREFIX):
+        items, total = _tfds_source(args.data, args.limit)
+        load = None
+    else:
+        items = _evenly_spaced(list_image_folder(args.data), args.limit)
+        total = len(items)
+        # timm's evaluation reads files with Pillow and ignores EXIF orientation;
+        # the seed port's data was decoded by TensorFlow.
+        load = decode_like_tensorflow if args.protocol == "seed" else lambda path: load_image(path, apply_exif=False)
+
+    if args.protocol == "seed":
+        def transform(image):
+            return seed_port_transform(image, size)
+    else:
+        def transform(image):
+            return evaluation_transform(image, size, resolved["crop_pct"], resolved["crop_mode"])
+
+    def prepare(item):
+        source, _ = item
+        return transform(source if load is None else load(source))
+
+    model = _build_model(resolved)
+    classes_seen = set()
+    correct_top1 = correct_top5 = evaluated = failures = 0
+    top = min(5, resolved["classes"])
+    progress = _Progress(total)
+    for batch, results in _prepared_batches(items, args.batch_size, prepare, args.workers):
+        images, labels = [], []
+        for (source, label), (image, message) in zip(batch, results):
+            if message is not None:
+                failures += 1
+                _print_error(message)
+            else:
+                images.append(image)
+                labels.append(label)
+        if images:
+            if max(labels) >= resolved["classes"]:
+                raise CommandError(
+                    f"class index {max(labels)} in {args.data} is beyond the model's {resolved['classes']} classes"
+                )
+            best = _top_indices(_predict_probabilities(model, images), top)
+            labels = np.asarray(labels)
+            correct_top1 += int(np.sum(best[:, 0] == labels))
+            correct_top5 += int(np.sum(np.any(best == labels[:, None], axis=1)))
+            evaluated += len(labels)
+            classes_seen.update(labels.tolist())
+        progress.update(len(batch))
+    progress.close()
+    rate = progress.rate()
+
+    if not evaluated:
+        raise CommandError(f"none of the {total} images in {args.data} could be read")
+    result = {
+        "top1": correct_top1 / evaluated,
+        "top5": correct_top5 / evaluated,
+        "images": evaluated,
+        "failed": failures,
+        "classes_seen": len(classes_seen),
+        "images_per_second": rate,
+        "model": resolved["name"],
+        "weights": resolved["weights"],
+        "protocol": args.protocol,
+        "size": size,
+        "crop_pct": resolved["crop_pct"] if args.protocol == "official" else None,
+        "crop_mode": resolved["crop_mode"] if args.protocol == "official" else None,
+    }
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(f"top1 {result['top1']:.4f} top5 {result['top5']:.4f} ({evaluated} images, {rate:.1f} img/s)")
+    if failures:
+        _print_error(f"{failures} of {total} images could not be read and were left out of the accuracy")
+        return 1
+    return 0
+
+
+# info ------------------------------------------------------------------------
+
+
+def _info(args):
+    from tfgcvit.model import ALIASES, CONSTRUCTORS, VARIANTS
+    from tfgcvit.pretrained import pretrained_info
+
+    checkpoints = pretrained_info()
+    rows = []
+    for variant, config in VARIANTS.items():
+        params = count_parameters(config["embed_dim"], config["depths"], config["num_heads"],
+                                  config["window_size"], config["mlp_ratio"], config["layer_scale"])
+        for entry in [entry for entry in checkpoints if entry["variant"] == variant] or [{}]:
+            rows.append({
+                "variant": variant,
+                "constructor": CONSTRUCTORS[variant].__name__,
+                "aliases": [alias for alias, target in ALIASES.items() if target == variant],
+                "params": params,
+                "window_size": list(config["window_size"]),
+                "input_size": config["input_size"],
+                "pretrain": entry.get("pretrain"),
+                "top1": entry.get("top1"),
+                "cached": entry.get("cached"),
+                "license": entry.get("license"),
+            })
+    if args.json:
+        print(json.dumps({"variants": rows}, indent=1))
+        return 0
+    header = ("variant", "constructor", "params", "windows", "input", "weights", "ImageNet top-1", "cached")
+    table = [header] + [
+        (
+            " / ".join([row["variant"], *row["aliases"]]),
+            row["constructor"],
+            f"{row['params'] / 1e6:.1f}M",
+            ",".join(map(str, row["window_size"])),
+            str(row["input_size"]),
+            row["pretrain"] or "-",
+            "-" if row["top1"] is None else f"{row['top1']:.1f}",
+            {True: "yes", False: "no", None: "?"}[row["cached"]],
+        )
+        for row in rows
+    ]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    for line in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+    print(f"\n{WEIGHTS_NOTE}")
+    return 0
+
+
+# Delegated subcommands ---------------------------------------------------------
+
+
+def _delegate(module_name):
+    """(add_arguments, main) of tfgcvit.<module_name>, or None when it is not installed."""
+    try:
+        module = importlib.import_module(f"tfgcvit.{module_name}")
+    except ModuleNotFoundError as error:
+        if error.name != f"tfgcvit.{module_name}":
+            raise
+        return None
+    return module.add_arguments, module.main
+
+
+# Command line ------------------------------------------------------------------
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text}")
+    return value
+
+
+def _crop_pct(text):
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1]; got {text}")
+    return value
+
+
+def _add_model_arguments(parser, batch_size):
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"variant name (xxtiny, xtiny, tiny, tiny2, small, small2, base, large, "
+                             f"large_384, large_512; aliases nano, micro) or '{CUSTOM_MODEL}' with --config "
+                             f"(default: {DEFAULT_MODEL})")
+    parser.add_argument("--weights",
+                        help="'imagenet', 'imagenet21k', a checkpoint path or an http(s) URL "
+                             "(default: the variant's official weights)")
+    parser.add_argument("--config",
+                        help="JSON architecture of a custom model (keys: " + ", ".join(CUSTOM_CONFIG_KEYS)
+                             + ", optional res)")
+    parser.add_argument("--classes", type=_positive_int,
+                        help="classes of the checkpoint's head when it is not 1000 (variants only)")
+    parser.add_argument("--size", type=_positive_int,
+                        help="input size (default: the variant's native size, or the config's res)")
+    parser.add_argument("--crop-pct", type=_crop_pct,
+                        help=f"resize to int(size / crop_pct) before the centre crop (default: the "
+                             f"official checkpoint's, else {DEFAULT_CROP_PCT})")
+    parser.add_argument("--crop-mode", choices=("center", "squash"),
+                        help="'center' keeps the aspect ratio, 'squash' does not "
+                             "(default: the official checkpoint's, else center)")
+    parser.add_argument("--batch-size", type=_positive_int, default=batch_size,
+                        help=f"images per batch (default: {batch_size})")
+    parser.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1,
+                        help="threads decoding images (default: the number of CPUs)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def build_parser():
+    parser = _Parser(
+        prog=PROG,
+        description="Global Context Vision Transformer (GC ViT) in Keras 3: classify images, "
+                    "evaluate on ImageNet-v2, convert official weights, benchmark.",
+        epilog=f"Exit codes: 0 success, 1 failure (one line on stderr), 2 bad command line. "
+               f"{WEIGHTS_NOTE}",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    predict = commands.add_parser("predict", help="top-k classes of images")
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
+    predict.add_argument("--top", type=_positive_int, default=5, help="classes per image (default: 5)")
+    predict.add_argument("--labels", help="text file with one class name per line, in class-index order")
+    _add_model_arguments(predict, batch_size=8)
+    predict.set_defaults(handler=_predict)
+
+    evaluate = commands.add_parser("evaluate", help="top-1/top-5 accuracy on a labelled image folder")
+    evaluate.add_argument("data", metavar="DATA",
+                          help="folder with subfolders 0..999 (class index) of images, like ImageNet-v2, "
+                               "or tfds:imagenet_v2 (needs tensorflow-datasets and prepared data)")
+    evaluate.add_argument("--limit", type=_positive_int, help="evaluate N images spread evenly over the data")
+    evaluate.add_argument("--protocol", choices=("official", "seed"), default="official",
+                          help="'official': the checkpoint's timm test transform (Pillow bicubic, crop_pct); "
+                               "'seed': the original tfgcvit 2.0.4 README evaluation (TensorFlow decode and "
+                               "bicubic resize to 256, crop 224) (default: official)")
+    _add_model_arguments(evaluate, batch_size=32)
+    evaluate.set_defaults(handler=_evaluate)
+
+    info = commands.add_parser("info", help="variants, parameter counts, official weights and cache")
+    info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    info.set_defaults(handler=_info)
+
+    for name, help_text in (("convert", "convert official/timm checkpoints to Keras weights"),
+                            ("benchmark", "measure inference speed")):
+        delegate = _delegate(name)
+        sub = commands.add_parser(name, help=help_text)
+        if delegate is None:
+            sub.add_argument("arguments", nargs=argparse.REMAINDER)
+            sub.set_defaults(handler=lambda args, name=name: _unavailable(name))
+        else:
+            add_arguments, run = delegate
+            add_arguments(sub)
+            sub.set_defaults(handler=run)
+    return parser
+
+
+def _unavailable(name):
+    raise CommandError(f"`{PROG} {name}` is not available in this installation (tfgcvit.{name} is missing)")
+
+
+def main(argv=None):
+    """Runs the command line `argv` (default: sys.argv[1:]); returns the exit code."""
+    try:
+        # Before anything imports Keras, so that TensorFlow's start-up banners stay quiet.
+        _import_keras()
+        args = build_parser().parse_args(argv)
+        return int(args.handler(args) or 0)
+    except CommandError as error:
+        _print_error(error)
+        return 1
+    except KeyboardInterrupt:
+        _print_error("interrupted")
+        return 130
+    except Exception as error:  # noqa: BLE001  the contract is one line, not a traceback
+        if os.environ.get("TFGCVIT_DEBUG"):
+            raise
+        message = str(error) or type(error).__name__
+        _print_error(f"{message} (set TFGCVIT_DEBUG=1 for the traceback)")
+        return 1
