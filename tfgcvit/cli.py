@@ -571,13 +571,16 @@ def _info(args):
                 "input_size": config["input_size"],
                 "pretrain": entry.get("pretrain"),
                 "top1": entry.get("top1"),
+                "crop_pct": entry.get("crop_pct"),
+                "crop_mode": entry.get("crop_mode"),
                 "cached": entry.get("cached"),
                 "license": entry.get("license"),
             })
     if args.json:
         print(json.dumps({"variants": rows}, indent=1))
         return 0
-    header = ("variant", "constructor", "params", "windows", "input", "weights", "ImageNet top-1", "cached")
+    header = ("variant", "constructor", "params", "windows", "input", "weights", "ImageNet top-1", "test crop",
+              "cached")
     table = [header] + [
         (
             " / ".join([row["variant"], *row["aliases"]]),
@@ -587,6 +590,7 @@ def _info(args):
             str(row["input_size"]),
             row["pretrain"] or "-",
             "-" if row["top1"] is None else f"{row['top1']:.1f}",
+            "-" if row["crop_pct"] is None else f"{row['crop_pct']} {row['crop_mode']}",
             {True: "yes", False: "no", None: "?"}[row["cached"]],
         )
         for row in rows
