@@ -1,6 +1,7 @@
 """End-to-end tests of the `tfgcvit` command.
 
-The main paths run the real command, `python -m tfgcvit`, in subprocesses. Each
+The main paths (predict, evaluate with a broken file, failing downloads, a usage
+error) run the real command, `python -m tfgcvit`, in subprocesses. Each
 pays the TensorFlow import (5-10 s here), so those commands are started together
 by one module fixture, a few at a time, and the tests then check their results.
 The remaining cases call `tfgcvit.cli.main()` in this process: the same code
@@ -161,9 +162,7 @@ def _commands(data):
     return {
         "predict_json": (["predict", "--json", "--top", "5", "--batch-size", "4", *CUSTOM,
                           *paths[:5], not_an_image, *paths[5:], missing], {}),
-        "evaluate_json": (["evaluate", str(data["dataset"]), "--json", "--batch-size", "5", *CUSTOM], {}),
         "evaluate_broken": (["evaluate", str(data["broken_dataset"]), *CUSTOM], {}),
-        "info": (["info", "--json"], {"TFGCVIT_HOME": str(root / "home")}),
         "unreachable_weights": (["predict", "--model", "custom", "--config", str(CONFIG), "--weights",
                                  f"http://127.0.0.1:{closed_port()}/gcvit.pth.tar", photo],
                                 {"TFGCVIT_HOME": str(root / "home")}),
@@ -243,15 +242,16 @@ def _accuracy_from_predict(runs, data, k):
     return sum(hits) / len(hits)
 
 
-def test_evaluate_json_agrees_with_predict(runs, data):
-    result = runs["evaluate_json"]
-    assert result.returncode == 0, result.stderr
-    output = json.loads(result.stdout)
+def test_evaluate_json_agrees_with_predict(runs, data, capsys):
+    code = main(["evaluate", str(data["dataset"]), "--json", "--batch-size", "5", *CUSTOM])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    output = json.loads(captured.out)
     assert output["images"] == 12 and output["failed"] == 0 and output["protocol"] == "official"
     assert output["top1"] == pytest.approx(6 / 12) == _accuracy_from_predict(runs, data, 1)
     assert output["top5"] == pytest.approx(9 / 12) == _accuracy_from_predict(runs, data, 5)
     assert output["images_per_second"] > 0
-    assert re.search(r"\[#{30}\] 12/12 100% \d+\.\d img/s", result.stderr)
+    assert re.fullmatch(r"\[#{30}\] 12/12 100% \d+\.\d img/s\n", captured.err)
 
 
 def test_evaluate_reports_a_broken_file_and_scores_the_rest(runs):
@@ -349,12 +349,12 @@ def test_missing_argument_is_a_usage_error(runs):
     assert line.startswith("tfgcvit predict: error: the following arguments are required: IMAGE")
 
 
-def test_info_lists_every_checkpoint_with_counted_parameters(runs):
+def test_info_lists_every_checkpoint_with_counted_parameters(data, capsys, monkeypatch):
     from tfgcvit.model import VARIANTS
 
-    result = runs["info"]
-    assert result.returncode == 0, result.stderr
-    rows = json.loads(result.stdout)["variants"]
+    monkeypatch.setenv("TFGCVIT_HOME", str(data["root"] / "home"))
+    assert main(["info", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["variants"]
     registry = json.loads((REPO / "tfgcvit" / "data" / "official_weights.json").read_text())["checkpoints"]
     assert [(row["variant"], row["pretrain"], row["top1"]) for row in rows] == [
         (entry["variant"], entry["pretrain"], entry["top1"])
@@ -364,6 +364,8 @@ def test_info_lists_every_checkpoint_with_counted_parameters(runs):
         assert row["params"] == OFFICIAL_PARAMS[row["variant"]]
         assert row["input_size"] == VARIANTS[row["variant"]]["input_size"]
         assert row["license"] == "CC-BY-NC-SA-4.0"
+        entry = next(e for e in registry if (e["variant"], e["pretrain"]) == (row["variant"], row["pretrain"]))
+        assert (row["crop_pct"], row["crop_mode"]) == (entry["crop_pct"], entry["crop_mode"])
         assert row["cached"] is False  # nothing is downloaded in the tests' cache
 
 

@@ -72,7 +72,11 @@ def _native_stderr_silenced():
 
 
 def _import_keras():
-    """Imports Keras (and its backend) without TensorFlow's native start-up noise."""
+    """Imports Keras (and its backend) without TensorFlow's native start-up noise.
+
+    Only the first import prints that noise; when `import tfgcvit` has already
+    loaded Keras, this is a no-op.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     with _native_stderr_silenced():
         import keras
