@@ -385,3 +385,11 @@ def test_parameter_count_matches_keras(fixture_model):
     assert count_parameters(config["embed_dim"], config["depths"], config["num_heads"], config["window_size"],
                             config["mlp_ratio"], config["layer_scale"], config["classes"]) \
         == fixture_model.count_params()
+
+
+def test_convert_is_delegated_to_the_converter(capsys, tmp_path):
+    # The fixture's custom architecture is no official variant: the converter itself says so.
+    assert main(["convert", str(CHECKPOINT), str(tmp_path / "fixture.weights.h5")]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("tfgcvit convert: error: The checkpoint matches no official GC ViT variant")
+    assert not (tmp_path / "fixture.weights.h5").exists()
