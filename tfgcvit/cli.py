@@ -26,9 +26,7 @@ DEFAULT_MODEL = "tiny"
 DEFAULT_CROP_PCT = 0.875
 CUSTOM_MODEL = "custom"
 CUSTOM_CONFIG_KEYS = ("dim", "depths", "num_heads", "window_size", "mlp_ratio", "layer_scale", "num_classes")
-PRETRAINED_NAMES = ("imagenet", "imagenet21k")
 TFDS_PREFIX = "tfds:"
-WEIGHTS_NOTE = "Official pretrained weights: NVIDIA, CC-BY-NC-SA-4.0 (non-commercial use only)."
 
 
 class CommandError(Exception):
@@ -166,7 +164,8 @@ def _resolve_model(args):
         A dict with "build" (a function of no arguments giving the model),
         "size", "crop_pct", "crop_mode", "classes", "name" and "weights".
     """
-    from tfgcvit.model import ALIASES, VARIANTS
+    from tfgcvit.model import ALIASES, VARIANTS, GCViT, get_constructor
+    from tfgcvit.pretrained import PRETRAIN_NAMES, checkpoint_entry
 
     model_name = args.model.lower().replace("-", "_")
     crop_pct, crop_mode = DEFAULT_CROP_PCT, "center"
@@ -183,8 +182,6 @@ def _resolve_model(args):
         weights = args.weights
 
         def build():
-            from tfgcvit.model import GCViT
-
             return GCViT(
                 window_size=config["window_size"],
                 embed_dim=config["dim"],
@@ -210,9 +207,7 @@ def _resolve_model(args):
         weights = args.weights or VARIANTS[variant]["weights"]
         size = args.size or VARIANTS[variant]["input_size"]
         classes = args.classes or 1000
-        if weights in PRETRAINED_NAMES:
-            from tfgcvit.pretrained import checkpoint_entry
-
+        if weights in PRETRAIN_NAMES:
             try:
                 entry = checkpoint_entry(variant, weights)
             except ValueError as error:
@@ -220,8 +215,6 @@ def _resolve_model(args):
             crop_pct, crop_mode = entry["crop_pct"], entry["crop_mode"]
 
         def build():
-            from tfgcvit.model import get_constructor
-
             return get_constructor(variant)(weights=weights, classes=classes, input_shape=(size, size, 3))
 
         model_name = variant
@@ -557,7 +550,7 @@ def _evaluate(args):
 
 
 def _info(args):
-    from tfgcvit.model import ALIASES, CONSTRUCTORS, VARIANTS
+    from tfgcvit.model import ALIASES, CONSTRUCTORS, VARIANTS, WEIGHTS_LICENSE
     from tfgcvit.pretrained import pretrained_info
 
     checkpoints = pretrained_info()
@@ -602,7 +595,7 @@ def _info(args):
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     for line in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
-    print(f"\n{WEIGHTS_NOTE}")
+    print(f"\n{WEIGHTS_LICENSE}")
     return 0
 
 
@@ -666,12 +659,14 @@ def _add_model_arguments(parser, batch_size):
 
 
 def build_parser():
+    from tfgcvit.model import WEIGHTS_LICENSE
+
     parser = _Parser(
         prog=PROG,
         description="Global Context Vision Transformer (GC ViT) in Keras 3: classify images, "
                     "evaluate on ImageNet-v2, convert official weights, benchmark.",
         epilog=f"Exit codes: 0 success, 1 failure (one line on stderr), 2 bad command line. "
-               f"{WEIGHTS_NOTE}",
+               f"{WEIGHTS_LICENSE}",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
