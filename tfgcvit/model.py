@@ -271,7 +271,8 @@ def feature_extractor(model):
             f"`feature_extractor` needs a GC ViT model with layers levels_0..levels_3; "
             f"model {model.name!r} has none ({error})."
         ) from None
-    return keras.Model(model.inputs, outputs, name=f"{model.name}_features")
+    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+    return keras.Model(inputs, outputs, name=f"{model.name}_features")
 
 
 def _variant(variant, doc_name):
