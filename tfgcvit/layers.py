@@ -349,11 +349,14 @@ class WindowAttention(layers.Layer):
         return ops.cast(ops.transpose(bias, (2, 0, 1)), self.compute_dtype)
 
     def _split_heads(self, x, parts):
-        # (B, nW, N, parts * C) -> parts x (B, nW, heads, N, head_dim)
+        # (B, nW, N, parts * C) -> parts x (B, nW, heads, N, head_dim). Batch and
+        # windows stay merged while splitting so that no tensor has more than 5
+        # dimensions: TFLite's strided slice rejects 6-D inputs.
         batch, windows, tokens = ops.shape(x)[0], ops.shape(x)[1], ops.shape(x)[2]
-        x = ops.reshape(x, (batch, windows, tokens, parts, self.num_heads, self.head_dim))
-        x = ops.transpose(x, (3, 0, 1, 4, 2, 5))
-        return [x[i] for i in range(parts)]
+        x = ops.reshape(x, (-1, tokens, parts, self.num_heads, self.head_dim))
+        x = ops.transpose(x, (2, 0, 3, 1, 4))
+        shape = (batch, windows, self.num_heads, tokens, self.head_dim)
+        return [ops.reshape(x[i], shape) for i in range(parts)]
 
     def call(self, inputs, global_query=None, training=None):
         qkv = self.qkv(inputs)
