@@ -12,6 +12,7 @@ import re
 import numpy as np
 
 from tfgcvit.model import NUM_STAGES
+from tfgcvit.resize import resize_bias_table, table_window_size
 
 # How a PyTorch array becomes a Keras one.
 DENSE = "dense"  # Linear (out, in) -> (in, out); timm's 1x1-conv SE (out, in, 1, 1) too.
@@ -163,7 +164,22 @@ def _summarise(names, limit=12):
     return text + (f" ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def load_torch_weights(model, state_dict, skip_head=None):
+def _resize_bias_table_to(name, value, variable):
+    """The checkpoint's bias table resized to the model's window size when only that differs.
+
+    Other arrays, tables with another number of heads, and lengths that are not
+    (2w - 1) ** 2 come back unchanged (and then fail the shape check).
+    """
+    if not name.endswith(".relative_position_bias_table") or value.ndim != 2:
+        return value
+    shape = tuple(variable.shape)
+    if len(shape) != 2 or value.shape[1] != shape[1] or table_window_size(value.shape[0]) is None:
+        return value
+    window = table_window_size(shape[0])
+    return value if window is None else resize_bias_table(value, window)
+
+
+def load_torch_weights(model, state_dict, skip_head=None, resize_bias_tables=True):
     """Sets the weights of a GC ViT model from a PyTorch state dict.
 
     Args:
@@ -173,6 +189,11 @@ def load_torch_weights(model, state_dict, skip_head=None):
             the timm 1.0 layout (detected from the names).
         skip_head: ignore `head.*` tensors. Defaults to True when the model has
             no head (include_top=False), False otherwise.
+        resize_bias_tables: when a relative-position bias table differs from
+            the model's only by its window size (e.g. 224 weights with windows
+            7/7/14/7 in a model built with 12/12/24/12), resize it bicubically
+            like the official detection backbone (`tfgcvit.resize`). False
+            reports such tables as shape mismatches.
 
     Raises:
         WeightsMismatchError: listing tensors the model needs that are missing,
@@ -201,6 +222,8 @@ def load_torch_weights(model, state_dict, skip_head=None):
         if name not in source:
             continue
         value = torch_to_keras_array(source[name], layout)
+        if resize_bias_tables and tuple(value.shape) != tuple(variable.shape):
+            value = _resize_bias_table_to(name, value, variable)
         if tuple(value.shape) != tuple(variable.shape):
             shape_errors.append(
                 f"{name}: checkpoint {tuple(np.shape(source[name]))} -> "
