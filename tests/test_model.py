@@ -120,7 +120,9 @@ def test_include_top_false(pooling, shape):
 def test_original_port_custom_classification_recipe():
     inputs = keras.layers.Input(shape=(64, 64, 3), dtype="uint8")
     outputs = keras.layers.Lambda(tfgcvit.preprocess_input)(inputs)
-    outputs = GCViT(**SMALL, include_top=False, pooling="avg", input_shape=(64, 64, 3))(outputs)
+    # Two blocks per stage, so that every stage has a global block using its query generator.
+    backbone = GCViT(**dict(SMALL, depths=(2, 2, 2, 2)), include_top=False, pooling="avg", input_shape=(64, 64, 3))
+    outputs = backbone(outputs)
     outputs = keras.layers.Dense(3, activation="softmax")(outputs)
     model = keras.Model(inputs, outputs)
     pixels = np.random.default_rng(0).integers(0, 256, size=(4, 64, 64, 3), dtype="uint8")
