@@ -35,6 +35,8 @@ mkdir -p "$SITE"
 echo "installing into $SITE: ${WHEELS[*]##*/}"
 "$PYTHON" -m pip install -q --no-index --no-deps --target "$SITE" "${WHEELS[@]}"
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# No TensorFlow there: Keras must not default to it.
+export KERAS_BACKEND=jax
 "$PYTHON" -c "import keras, jax, torch, timm; print('keras', keras.__version__, keras.__file__); print('jax', jax.__version__, jax.devices()); print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'timm', timm.__version__)"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv || true
 exec "$PYTHON" bench/gpu.py
