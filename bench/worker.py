@@ -168,7 +168,13 @@ def main():
     parser.add_argument("--device", default="cpu", help="torch device for timm")
     parser.add_argument("--autocast", default=None, help="timm: torch.autocast dtype, e.g. bfloat16")
     parser.add_argument("--tf32", action="store_true", help="timm: allow TF32 matmuls")
+    parser.add_argument("--hide-jax", action="store_true",
+                        help="make JAX unimportable, as in an environment without it: TensorFlow "
+                             "2.21 imports JAX whenever it is installed (tensorflow/lite/python/"
+                             "util.py), which adds about 140 MiB to a TensorFlow process")
     args = parser.parse_args()
+    if args.hide_jax:
+        sys.modules["jax"] = None
     args.gflop = None
     if args.path is None:
         args.path = {"seed": "function", "timm": "eager"}.get(args.impl)
