@@ -1,0 +1,249 @@
+"""Export for deployment: .keras, TensorFlow SavedModel, ONNX and TFLite, each against Keras.
+
+The exported model is the fixture architecture with the fixture weights
+(realistic magnitudes) built for variable input sizes, so one artifact is
+checked on the golden 224 images (dynamic batch 2) and on odd sizes and
+batches (97 x 131, batch 3; 64 x 80, batch 1).
+"""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import FIXTURE_CONFIG, tolerance
+
+BACKEND = keras.backend.backend()
+only_tensorflow = pytest.mark.skipif(BACKEND != "tensorflow", reason="exports from TensorFlow")
+
+
+def keras_outputs(model, images):
+    return keras.ops.convert_to_numpy(model(images, training=False))
+
+
+@pytest.fixture(scope="module")
+def dynamic_model(fixture_state_dict):
+    from tfgcvit import GCViT, load_torch_weights
+
+    model = GCViT(**FIXTURE_CONFIG, input_shape=(None, None, 3))
+    return load_torch_weights(model, fixture_state_dict)
+
+
+SMALL_SHAPE = (1, 64, 80, 3)
+
+
+@pytest.fixture(scope="module")
+def cases(dynamic_model, golden):
+    """(images, Keras logits) pairs: several batch sizes and image sizes.
+
+    JAX compiles every new shape for tens of seconds on a small CPU, so the
+    other backends check one small odd-sized case (and golden logits directly).
+    """
+    rng = np.random.default_rng(0)
+    inputs = [rng.normal(size=SMALL_SHAPE).astype("float32")]
+    if BACKEND == "tensorflow":
+        inputs += [golden["inputs"], rng.normal(size=(3, 97, 131, 3)).astype("float32")]
+    return [(images, keras_outputs(dynamic_model, images)) for images in inputs]
+
+
+@only_tensorflow
+def test_dynamic_model_reproduces_golden(cases, golden):
+    # The reference every export is compared with is itself right.
+    np.testing.assert_allclose(cases[1][1], golden["logits"], rtol=0,
+                               atol=tolerance(golden["logits"]))
+
+
+# ---------------------------------------------------------------------------
+# .keras (every backend).
+
+
+@pytest.mark.backends
+def test_keras_file_round_trip(dynamic_model, cases, tmp_path):
+    path = tmp_path / "gcvit.keras"
+    dynamic_model.save(path)
+    restored = keras.models.load_model(path)  # safe mode: all layers are registered
+    for images, expected in cases:
+        np.testing.assert_array_equal(keras_outputs(restored, images), expected)
+    assert os.path.getsize(path) > 4 * dynamic_model.count_params()  # float32 weights inside
+
+
+@pytest.mark.backends
+def test_keras_file_round_trip_of_finetune_recipe(tmp_path):
+    """uint8 -> Lambda(preprocess_input) -> backbone -> Dense: needs custom_objects to load."""
+    from tfgcvit import GCViT, preprocess_input
+
+    inputs = keras.Input((None, None, 3), dtype="uint8")
+    x = keras.layers.Lambda(preprocess_input)(inputs)
+    backbone = GCViT(**dict(FIXTURE_CONFIG, depths=(1, 1, 1, 1)), include_top=False,
+                     pooling="avg", input_shape=(None, None, 3))
+    outputs = keras.layers.Dense(3, activation="softmax", name="head", dtype="float32")(backbone(x))
+    model = keras.Model(inputs, outputs)
+    path = tmp_path / "finetuned.keras"
+    model.save(path)
+    restored = keras.models.load_model(path, custom_objects={"preprocess_input": preprocess_input})
+    images = np.random.default_rng(1).integers(0, 256, SMALL_SHAPE, dtype="uint8")
+    np.testing.assert_array_equal(keras_outputs(restored, images), keras_outputs(model, images))
+
+
+# ---------------------------------------------------------------------------
+# TensorFlow SavedModel.
+
+
+@only_tensorflow
+def test_saved_model_serves_dynamic_batch_and_size(dynamic_model, cases, tmp_path):
+    import tensorflow as tf
+
+    path = tmp_path / "saved_model"
+    dynamic_model.export(str(path), format="tf_saved_model", verbose=False)
+    served = tf.saved_model.load(str(path))
+    signature = served.signatures["serving_default"]
+    spec = signature.structured_input_signature[1]["image"]
+    assert spec.shape.as_list() == [None, None, None, 3]
+    for images, expected in cases:
+        np.testing.assert_allclose(served.serve(images).numpy(), expected, rtol=0, atol=1e-5)
+        (output,) = signature(image=tf.constant(images)).values()
+        np.testing.assert_allclose(output.numpy(), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.backends
+def test_saved_model_from_jax(dynamic_model, cases, golden, tmp_path):
+    if BACKEND != "jax":
+        pytest.skip("the JAX path of export_model (jax2tf); TensorFlow is tested above")
+    import tensorflow as tf
+
+    from tfgcvit.export import export_model
+
+    path = export_model(dynamic_model, tmp_path / "saved_model_jax")
+    served = tf.saved_model.load(str(path))
+    (images, expected), = cases
+    np.testing.assert_allclose(served.serve(images).numpy(), expected, rtol=0, atol=1e-5)
+    # Another batch and size, checked against the official golden logits.
+    np.testing.assert_allclose(served.serve(golden["inputs"]).numpy(), golden["logits"], rtol=0,
+                               atol=tolerance(golden["logits"]))
+
+
+# ---------------------------------------------------------------------------
+# ONNX and TFLite (TensorFlow backend).
+
+
+@only_tensorflow
+def test_onnx_runs_in_onnxruntime_with_dynamic_batch_and_size(dynamic_model, cases, tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("tf2onnx")
+    from tfgcvit.export import export_model
+
+    path = export_model(dynamic_model, tmp_path / "gcvit.onnx", format="onnx")
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (feed,) = session.get_inputs()
+    assert feed.shape[0] != 1 and not isinstance(feed.shape[1], int)  # symbolic dimensions
+    for images, expected in cases:
+        (output,) = session.run(None, {feed.name: images})
+        np.testing.assert_allclose(output, expected, rtol=0, atol=1e-5)
+
+
+@only_tensorflow
+def test_tflite_runs_with_dynamic_batch_and_size(dynamic_model, cases, tmp_path):
+    import tensorflow as tf
+
+    from tfgcvit.export import export_model
+
+    path = export_model(dynamic_model, tmp_path / "gcvit.tflite", format="litert")
+    interpreter = tf.lite.Interpreter(model_path=str(path))
+    (feed,) = interpreter.get_input_details()
+    assert list(feed["shape_signature"]) == [-1, -1, -1, 3]
+    for images, expected in cases:
+        interpreter.resize_tensor_input(feed["index"], images.shape)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(feed["index"], images)
+        interpreter.invoke()
+        output = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+        np.testing.assert_allclose(output, expected, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# Unsupported combinations fail early with a clear message.
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    from tfgcvit import GCViT
+
+    return GCViT(**dict(FIXTURE_CONFIG, depths=(1, 1, 1, 1)), input_shape=(None, None, 3))
+
+
+@pytest.mark.backends
+def test_unknown_format_is_rejected(small_model, tmp_path):
+    from tfgcvit.export import export_model
+
+    with pytest.raises(ValueError, match="Unknown export format 'coreml'; choose one of"):
+        export_model(small_model, tmp_path / "m", format="coreml")
+
+
+@pytest.mark.backends
+@pytest.mark.parametrize("format", ["tf_saved_model", "onnx", "litert"])
+def test_unsupported_backend_says_what_to_do(small_model, tmp_path, format):
+    from tfgcvit.export import BACKENDS, export_model
+
+    if BACKEND in BACKENDS[format]:
+        pytest.skip(f"{format} is supported on {BACKEND}")
+    with pytest.raises(ValueError, match=rf"works on the .* backend, not '{BACKEND}'") as error:
+        export_model(small_model, tmp_path / "m", format=format)
+    assert "KERAS_BACKEND=tensorflow" in str(error.value)
+    assert not (tmp_path / "m").exists()
+
+
+@only_tensorflow
+def test_bad_options_are_rejected_before_tracing(small_model, tmp_path):
+    from tfgcvit.export import export_model
+
+    with pytest.raises(ValueError, match=r"Unknown option\(s\) \['opset_version'\] for format 'tf_saved_model'"):
+        export_model(small_model, tmp_path / "m", format="tf_saved_model", opset_version=17)
+    with pytest.raises(ValueError, match="opset_version` must be an integer >= 13"):
+        export_model(small_model, tmp_path / "m.onnx", format="onnx", opset_version=9)
+    with pytest.raises(ValueError, match=r"\(batch, height, width, 3\)"):
+        export_model(small_model, tmp_path / "m", input_signature=[keras.InputSpec(shape=(None, 64, 64, 4))])
+    with pytest.raises(ValueError, match="height 16 is below the minimum of 32"):
+        export_model(small_model, tmp_path / "m", input_signature=[keras.InputSpec(shape=(1, 16, 64, 3))])
+    assert not any(tmp_path.iterdir())
+
+
+@only_tensorflow
+def test_fixed_size_model_rejects_other_signature(tmp_path):
+    from tfgcvit import GCViT
+    from tfgcvit.export import export_model
+
+    model = GCViT(**dict(FIXTURE_CONFIG, depths=(1, 1, 1, 1)), input_shape=(64, 64, 3))
+    with pytest.raises(ValueError, match="input_shape=\\(None, None, 3\\)"):
+        export_model(model, tmp_path / "m", input_signature=[keras.InputSpec(shape=(None, 96, 96, 3))])
+
+
+@only_tensorflow
+def test_mixed_precision_model_is_rejected_for_onnx_and_tflite(tmp_path):
+    from tfgcvit import GCViT
+    from tfgcvit.export import export_model
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        model = GCViT(**dict(FIXTURE_CONFIG, depths=(1, 1, 1, 1)), input_shape=(64, 64, 3))
+    finally:
+        keras.config.set_dtype_policy(previous)
+    for format in ("onnx", "litert"):
+        with pytest.raises(ValueError, match=r"needs a float32 model.*\['bfloat16'\].*set_weights"):
+            export_model(model, tmp_path / f"m.{format}", format=format)
+
+
+@only_tensorflow
+def test_never_called_model_exports_to_onnx(tmp_path):
+    """Keras' ONNX exporter alone refuses a model that never ran ('has never called')."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from tfgcvit import GCViT
+    from tfgcvit.export import export_model
+
+    model = GCViT(**dict(FIXTURE_CONFIG, depths=(1, 1, 1, 1)), input_shape=(64, 64, 3))
+    path = export_model(model, tmp_path / "fresh.onnx", format="onnx")
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(2).normal(size=(2, 64, 64, 3)).astype("float32")
+    (output,) = session.run(None, {session.get_inputs()[0].name: images})
+    np.testing.assert_allclose(output, keras_outputs(model, images), rtol=0, atol=1e-5)

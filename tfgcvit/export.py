@@ -1,0 +1,194 @@
+"""Exporting GC ViT models for serving: TensorFlow SavedModel, ONNX and TFLite (LiteRT).
+
+`export_model` is a thin layer over Keras' `Model.export` that checks, before
+any tracing starts, that the requested combination works for GC ViT, and says
+what to do instead when it does not. What works (and is tested):
+
+| format           | backends          | dynamic batch | dynamic height/width |
+|------------------|-------------------|---------------|----------------------|
+| "tf_saved_model" | tensorflow, jax   | yes           | yes                  |
+| "onnx"           | tensorflow        | yes           | yes                  |
+| "litert"         | tensorflow        | yes           | yes (resize the input tensor) |
+
+Dynamic height/width need a model built with `input_shape=(None, None, 3)`.
+The model weights are backend-independent: to export from a JAX or PyTorch
+session, save them (`model.save_weights("m.weights.h5")`), rebuild the same
+model under `KERAS_BACKEND=tensorflow`, load them and export there.
+"""
+
+import keras
+import numpy as np
+
+FORMATS = ("tf_saved_model", "onnx", "litert")
+# Backends on which each format exports GC ViT (checked in tests/test_export.py).
+BACKENDS = {
+    "tf_saved_model": ("tensorflow", "jax"),
+    "onnx": ("tensorflow",),
+    "litert": ("tensorflow",),
+}
+# Why the other backends are not offered, shown in the error.
+UNSUPPORTED_REASONS = {
+    ("tf_saved_model", "torch"): "Keras cannot write a TensorFlow SavedModel from PyTorch",
+    ("onnx", "jax"): "Keras' JAX path needs the separate jax2onnx converter, untested with GC ViT",
+    ("onnx", "torch"): ("Keras' PyTorch path (torch.onnx) fails on GC ViT's dynamic window "
+                        "shapes and has no dynamic batch"),
+    ("litert", "jax"): "Keras has no LiteRT exporter for JAX",
+    ("litert", "torch"): "Keras' PyTorch path needs litert-torch and fixes every shape",
+}
+# Keyword arguments accepted per format (besides input_signature and verbose).
+OPTIONS = {
+    "tf_saved_model": ("is_static", "jax2tf_kwargs"),
+    "onnx": ("opset_version",),
+    # TFLite converter attributes, passed through; Keras rejects unknown ones.
+    "litert": None,
+}
+# Erf (used by GELU) and the dynamic-shape ops of the windows need opset 13.
+MIN_ONNX_OPSET = 13
+MIN_SIZE = 32
+
+
+def _register_erfc_for_tf2onnx():
+    """Teaches tf2onnx TensorFlow's Erfc, which TF's exact GELU uses.
+
+    `tf.nn.gelu(approximate=False)` computes 0.5 * x * erfc(-x / sqrt(2)); tf2onnx
+    1.17 has no Erfc conversion and writes a graph that ONNX Runtime rejects.
+    ONNX has Erf (opset 9+), so Erfc(x) becomes 1 - Erf(x). Registered once per
+    process, and only where tf2onnx has no Erfc handler of its own.
+    """
+    from tf2onnx import constants, utils
+    from tf2onnx.handler import tf_op
+
+    if any("Erfc" in handlers for handlers in tf_op.get_opsets().get(constants.ONNX_DOMAIN, [])):
+        return
+
+    @tf_op("Erfc")
+    class Erfc:  # noqa: F841 (the decorator registers it)
+        @classmethod
+        def version_9(cls, ctx, node, **kwargs):
+            node.type = "Erf"
+            dtype = utils.map_onnx_to_numpy_type(ctx.get_dtype(node.output[0]))
+            one = ctx.make_const(utils.make_name("erfc_one"), np.array(1, dtype=dtype))
+            complement = ctx.insert_new_node_on_output(
+                "Sub", node.output[0], name=utils.make_name(node.name),
+                inputs=[one.output[0], node.output[0]],
+            )
+            ctx.copy_shape(node.output[0], complement.output[0])
+
+
+def _check_float32(model, format):
+    dtypes = {layer.compute_dtype for layer in model._flatten_layers(include_self=False)
+              if hasattr(layer, "compute_dtype")}
+    dtypes.discard("float32")
+    if dtypes and format != "tf_saved_model":
+        raise ValueError(
+            f"Export to {format!r} needs a float32 model, but layers of {model.name!r} compute "
+            f"in {sorted(dtypes)} (a mixed-precision policy). Rebuild the model under "
+            "keras.mixed_precision.set_global_policy('float32'), copy the weights with "
+            "`model32.set_weights(model.get_weights())` and export that; to shrink the file, "
+            "quantise at conversion instead (e.g. format='litert' with "
+            "optimizations=[tf.lite.Optimize.DEFAULT])."
+        )
+
+
+def _check_signature(model, input_signature):
+    if input_signature is None:
+        return
+    specs = input_signature if isinstance(input_signature, (list, tuple)) else [input_signature]
+    if len(specs) != 1:
+        raise ValueError(
+            f"GC ViT has one image input; `input_signature` has {len(specs)} entries."
+        )
+    shape = tuple(specs[0].shape)
+    channels = model.inputs[0].shape[-1]
+    if len(shape) != 4 or shape[-1] != channels:
+        raise ValueError(
+            f"`input_signature` must describe (batch, height, width, {channels}) images; "
+            f"got shape {shape}."
+        )
+    for name, size, built in zip(("height", "width"), shape[1:3], model.inputs[0].shape[1:3]):
+        if size is not None and size < MIN_SIZE:
+            raise ValueError(f"`input_signature` {name} {size} is below the minimum of {MIN_SIZE}.")
+        if built is not None and size != built:
+            raise ValueError(
+                f"`input_signature` {name} {size} differs from the model's fixed input {name} "
+                f"{built}. For other or variable sizes build the model with "
+                "input_shape=(None, None, 3) and copy the weights."
+            )
+
+
+def _run_once(model):
+    """Runs the model on one zero image: Keras' ONNX exporter refuses never-called models."""
+    spec = model.inputs[0]
+    shape = [1] + [64 if size is None else size for size in spec.shape[1:]]
+    model(np.zeros(shape, dtype=spec.dtype), training=False)
+
+
+def export_model(model, path, format="tf_saved_model", input_signature=None, verbose=False,
+                 **kwargs):
+    """Exports a GC ViT model (or a model built on one) for inference.
+
+    Args:
+        model: a built Keras model, e.g. from `tfgcvit.GCViT` or a fine-tuned
+            model containing one.
+        path: output path: a directory for "tf_saved_model", a file (".onnx",
+            ".tflite") otherwise.
+        format: "tf_saved_model", "onnx" or "litert" (TFLite).
+        input_signature: optional single `keras.InputSpec` / `tf.TensorSpec`
+            (batch, height, width, channels); defaults to the model's input,
+            keeping its None dimensions dynamic.
+        verbose: print Keras' export messages.
+        **kwargs: format options: "onnx": `opset_version` (>= 13);
+            "tf_saved_model" on JAX: `jax2tf_kwargs`, `is_static`;
+            "litert": TFLite converter attributes such as `optimizations`.
+
+    Returns:
+        `path`.
+
+    Raises:
+        ValueError: an unknown format, a backend that cannot export this
+            format, a mixed-precision model for ONNX/LiteRT, an input signature
+            that does not fit the model, or an unknown or invalid option.
+    """
+    backend = keras.backend.backend()
+    if format not in FORMATS:
+        raise ValueError(f"Unknown export format {format!r}; choose one of {', '.join(FORMATS)}.")
+    if backend not in BACKENDS[format]:
+        reason = UNSUPPORTED_REASONS.get((format, backend), "not supported")
+        raise ValueError(
+            f"Exporting GC ViT to {format!r} works on the {' or '.join(BACKENDS[format])} "
+            f"backend, not {backend!r} ({reason}). The weights are backend-independent: "
+            "save them with model.save_weights('model.weights.h5'), rebuild the model "
+            "with KERAS_BACKEND=tensorflow, load them and export there."
+        )
+    allowed = OPTIONS[format]
+    if allowed is not None:
+        unknown = sorted(set(kwargs) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"Unknown option(s) {unknown} for format {format!r}; accepted: "
+                f"{', '.join(allowed) or 'none'}."
+            )
+    if not model.built or not model.inputs:
+        raise ValueError("Build the model (give it an input shape) before exporting it.")
+    _check_float32(model, format)
+    _check_signature(model, input_signature)
+    if not getattr(model, "_called", True):
+        _run_once(model)
+
+    if format == "onnx":
+        opset = kwargs.get("opset_version")
+        if opset is not None and (not isinstance(opset, int) or opset < MIN_ONNX_OPSET):
+            raise ValueError(
+                f"`opset_version` must be an integer >= {MIN_ONNX_OPSET} for GC ViT; got {opset!r}."
+            )
+        _register_erfc_for_tf2onnx()
+    if format == "tf_saved_model" and backend == "jax":
+        # jax2tf would also serialise gradients, which fails on the random-seed
+        # state of the dropout layers; serving needs none.
+        jax2tf_kwargs = dict(kwargs.pop("jax2tf_kwargs", None) or {})
+        jax2tf_kwargs.setdefault("with_gradient", False)
+        kwargs["jax2tf_kwargs"] = jax2tf_kwargs
+
+    model.export(str(path), format=format, verbose=verbose, input_signature=input_signature,
+                 **kwargs)
+    return path
