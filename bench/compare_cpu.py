@@ -23,8 +23,10 @@ import signal
 import subprocess
 import sys
 
-from harness import (ROOT, Impl, cpu_model, load_average, markdown_table, run_group,
-                     worker_env, write_outputs)
+from harness import (ROOT, Impl, load_average, markdown_table, run_group, worker_env,
+                     write_outputs)
+
+from tfgcvit.benchmark import cpu_model
 
 VENV_PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
 SEED_VENV = os.path.join(ROOT, ".venv-seed")

@@ -258,18 +258,6 @@ def write_outputs(prefix, payload, markdown, out_dir):
     return paths
 
 
-def cpu_model():
-    """The CPU model name from /proc/cpuinfo."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
 def load_average():
     try:
         return os.getloadavg()

@@ -25,11 +25,11 @@ Every implementation gets the same input: standard normal NHWC images from
 """
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
 import platform
-import resource
 import sys
 import time
 
@@ -48,6 +48,7 @@ TIMM_NAMES = {"xxtiny": "gcvit_xxtiny", "nano": "gcvit_xxtiny", "xtiny": "gcvit_
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@functools.cache
 def benchmark_module():
     """This checkout's `tfgcvit/benchmark.py`, loaded by path.
 
@@ -61,10 +62,6 @@ def benchmark_module():
     sys.modules[spec.name] = module  # tf.function's AutoGraph looks functions up there
     spec.loader.exec_module(module)
     return module
-
-
-def _peak_rss_mib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def build_seed(args, x):
@@ -221,7 +218,7 @@ def main():
                 times.append(time.perf_counter() - t0)
             send({"times": times})
         elif command[0] == "info":
-            send({"peak_rss_mib": _peak_rss_mib()})
+            send({"peak_rss_mib": benchmark_module().peak_rss_mib()})
         else:
             send({"error": f"unknown command {command[0]!r}"})
     return 0

@@ -207,7 +207,8 @@ def model_flops(config, height, width, classes=1000):
     return 2.0 * macs
 
 
-def _cpu_model():
+def cpu_model():
+    """The CPU model name from /proc/cpuinfo (or what `platform` knows)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -224,7 +225,8 @@ def _cpu_count():
     return os.cpu_count()
 
 
-def _peak_rss_mib():
+def peak_rss_mib():
+    """Peak resident memory of this process (`ru_maxrss`) in MiB."""
     # ru_maxrss is in KiB on Linux and bytes on macOS.
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
@@ -361,7 +363,7 @@ def run_benchmark(args):
         },
         "constructor_seconds": built - start,
         "time_to_first_output_seconds": first - start,
-        "peak_rss_mib": _peak_rss_mib(),
+        "peak_rss_mib": peak_rss_mib(),
         "gflop_per_image": flops / 1e9,
         "achieved_gflop_per_second": flops * images_per_second / 1e9,
         "params": int(model.count_params()),
@@ -371,7 +373,7 @@ def run_benchmark(args):
             backend: backend_module.__version__,
             "numpy": np.__version__,
         },
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
     }
 
 
