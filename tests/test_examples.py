@@ -1,0 +1,94 @@
+"""Each example script runs end to end on tiny data (imported, called with small arguments).
+
+examples/distributed.py needs a fresh process per engine and is run by
+tests/test_distributed.py.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import FIXTURES
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+CHECKPOINT = str(FIXTURES / "custom_224.pth.tar")
+BACKEND = keras.backend.backend()
+
+
+def load_example(name):
+    spec = importlib.util.spec_from_file_location(f"gcvit_example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def restore_dtype_policy():
+    previous = keras.config.dtype_policy()
+    yield
+    keras.config.set_dtype_policy(previous)
+
+
+def test_finetune_example_with_fixture_weights(tmp_path, restore_dtype_policy):
+    finetune = load_example("finetune")
+    pytest.importorskip("tfgcvit.checkpoint")
+    saved = tmp_path / "finetuned.keras"
+    model, history = finetune.main([
+        "--variant", "mini", "--weights", CHECKPOINT, "--image-size", "64", "--classes", "3",
+        "--steps", "2", "--batch-size", "2", "--run-eagerly", "--save", str(saved)])
+    assert np.isfinite(history.history["loss"][0])
+    assert model.output.shape == (None, 3)
+    images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype="uint8")
+    import tfgcvit
+
+    restored = keras.models.load_model(saved, custom_objects={"preprocess_input": tfgcvit.preprocess_input})
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(restored(images)),
+                               keras.ops.convert_to_numpy(model(images)), rtol=0, atol=1e-6)
+
+
+def test_highres_example_resizes_fixture_tables():
+    highres = load_example("highres")
+    pytest.importorskip("tfgcvit.checkpoint")
+    from tfgcvit.checkpoint import read_checkpoint
+    from tfgcvit.resize import resize_bias_table
+
+    assert highres.windows_for(384) == (12, 12, 24, 12) and highres.windows_for(224) == (7, 7, 14, 7)
+    model, outputs = highres.main(["--variant", "mini", "--weights", CHECKPOINT, "--size", "192"])
+    assert outputs.shape == (1, 10) and np.all(np.isfinite(outputs))
+    assert [model.get_layer(f"levels_{i}").window_size for i in range(4)] == [6, 6, 12, 6]
+    table = model.get_layer("levels_2").blocks[1].attn.relative_position_bias_table
+    source = read_checkpoint(CHECKPOINT)["levels.2.blocks.1.attn.relative_position_bias_table"]
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(table), resize_bias_table(source, 12),
+                               rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        highres.windows_for(200)
+
+
+def test_segmentation_example_trains_at_odd_size_with_frozen_stages():
+    segmentation = load_example("segmentation")
+    model, history = segmentation.main(["--variant", "mini", "--image-size", "97", "131",
+                                        "--classes", "3", "--batch-size", "1", "--run-eagerly"])
+    assert np.isfinite(history.history["loss"][0])
+    images, _ = segmentation.random_batch(1, 97, 131, 3)
+    logits = keras.ops.convert_to_numpy(model(images, training=False))
+    assert logits.shape == (1, 97, 131, 3) and logits.dtype == np.float32
+    backbone = model.get_layer("gcvit_mini_features")
+    frozen = {id(w) for name in segmentation.FROZEN for w in backbone.get_layer(name).weights}
+    assert frozen == {id(w) for w in model.non_trainable_weights}
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="ONNX and TFLite export from TensorFlow")
+def test_export_example(tmp_path):
+    export = load_example("export")
+    # One block per stage keeps the exports quick. ONNX is left to test_export.py
+    # (same export_model call and onnxruntime session, ~15 s more here).
+    formats = ["keras", "tf_saved_model", "litert"]
+    results = export.main(["--variant", "mini", "--depths", "1", "1", "1", "1",
+                           "--out", str(tmp_path), "--formats", *formats])
+    assert set(results) == set(formats)
+    for format, result in results.items():
+        assert result["bytes"] > 100_000, format
+        assert result["max_abs_diff"] <= 1e-5, (format, result)
