@@ -91,7 +91,7 @@ def build_keras(args, x):
     """This repository's model on the Keras backend of $KERAS_BACKEND."""
     import keras
 
-    from tfgcvit.model import VARIANTS, get_constructor
+    from tfgcvit.model import get_constructor
 
     bench = benchmark_module()
     backend = keras.backend.backend()
@@ -105,8 +105,8 @@ def build_keras(args, x):
 
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     keras.mixed_precision.set_global_policy(args.dtype)
-    constructor = get_constructor(args.model)
-    config = VARIANTS[{"nano": "xxtiny", "micro": "xtiny"}.get(args.model, args.model)]
+    variant, config = bench.variant_config(args.model)
+    constructor = get_constructor(variant)
     args.gflop = bench.model_flops(config, args.height, args.width) / 1e9
     start = time.perf_counter()
     model = constructor(weights=None, input_shape=(args.height, args.width, 3))

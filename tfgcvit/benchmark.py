@@ -34,6 +34,7 @@ Usage:
 """
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -151,6 +152,15 @@ def choose_path(backend, jit=None, path=None):
     if jit is None:
         return DEFAULT_PATHS[backend]
     return jit_path if jit else nojit_path
+
+
+def variant_config(name):
+    """(variant name, its `tfgcvit.model.VARIANTS` entry) for a name or alias ("nano")."""
+    from tfgcvit.model import VARIANTS, get_constructor
+
+    constructor = get_constructor(name)
+    variant = next(v for v in VARIANTS if get_constructor(v) is constructor)
+    return variant, VARIANTS[variant]
 
 
 def model_flops(config, height, width, classes=1000):
@@ -298,14 +308,12 @@ def run_benchmark(args):
     """
     import keras
 
-    from tfgcvit.model import VARIANTS, get_constructor
+    from tfgcvit.model import get_constructor
 
     backend = keras.backend.backend()
     path = choose_path(backend, args.jit, args.path)
-    constructor = get_constructor(args.model)
-    variant = next(name for name, c in VARIANTS.items()
-                   if get_constructor(name) is constructor)
-    config = VARIANTS[variant]
+    variant, config = variant_config(args.model)
+    constructor = get_constructor(variant)
     height, width = args.size or (config["input_size"],) * 2
     if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0:
         raise ValueError("--batch-size and --repeats must be >= 1 and --warmup >= 0.")
@@ -339,8 +347,7 @@ def run_benchmark(args):
     median = float(np.median(times_ms))
     flops = model_flops(config, height, width)
     images_per_second = args.batch_size / (median / 1e3)
-    backend_versions = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
-    backend_module = __import__(backend_versions[backend])
+    backend_module = importlib.import_module(backend)
     return {
         "model": variant,
         "backend": backend,
