@@ -42,7 +42,7 @@ OPTIONS = {
     # TFLite converter attributes, passed through; Keras rejects unknown ones.
     "litert": None,
 }
-# Erf (used by GELU) and the dynamic-shape ops of the windows need opset 13.
+# The oldest ONNX opset tested with GC ViT (tf2onnx's default is newer).
 MIN_ONNX_OPSET = 13
 MIN_SIZE = 32
 
@@ -179,7 +179,8 @@ def export_model(model, path, format="tf_saved_model", input_signature=None, ver
         opset = kwargs.get("opset_version")
         if opset is not None and (not isinstance(opset, int) or opset < MIN_ONNX_OPSET):
             raise ValueError(
-                f"`opset_version` must be an integer >= {MIN_ONNX_OPSET} for GC ViT; got {opset!r}."
+                f"`opset_version` must be an integer >= {MIN_ONNX_OPSET} (the oldest opset "
+                f"tested with GC ViT); got {opset!r}."
             )
         _register_erfc_for_tf2onnx()
     if format == "tf_saved_model" and backend == "jax":
