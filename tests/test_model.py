@@ -49,6 +49,20 @@ def test_parameter_count_and_every_shape_match_official(variant):
         assert int(np.prod(ours[name].shape)) == int(np.prod(shape)), name
 
 
+def test_find_variant_prefers_exact_windows_then_ignores_them():
+    from tfgcvit.model import find_variant
+
+    tiny = VARIANTS["tiny"]
+    args = (tiny["embed_dim"], tiny["depths"], tiny["num_heads"])
+    assert find_variant(*args, (7, 7, 14, 7), 3.0, None) == "tiny"
+    assert find_variant(*args, (12, 12, 24, 12), 3.0, None) == "tiny"  # weights load with resized tables
+    large = VARIANTS["large"]
+    args = (large["embed_dim"], large["depths"], large["num_heads"])
+    assert find_variant(*args, (12, 12, 24, 12), 2.0, 1e-5) == "large_384"
+    assert find_variant(*args, (9, 9, 18, 9), 2.0, 1e-5) == "large"
+    assert find_variant(16, (2, 2, 3, 2), (1, 2, 4, 8), (7, 7, 14, 7), 3.0, 1e-5) is None
+
+
 def test_aliases_build_the_same_architecture():
     nano = tfgcvit.GCViTNano(weights=None, include_top=False, input_shape=(64, 64, 3))
     xxtiny = tfgcvit.GCViTXXTiny(weights=None, include_top=False, input_shape=(64, 64, 3))
@@ -266,9 +280,10 @@ class TestBadInput:
         with pytest.raises(FileNotFoundError, match="does not exist"):
             tfgcvit.GCViTXXTiny(weights=str(tmp_path / "nope.pth"))
 
-    def test_bad_window_size(self):
+    @pytest.mark.parametrize("window_size", [(7, 7, 14), 7, (7, 7, 14.5, 7), ("7", 7, 14, 7), (7, 0, 14, 7)])
+    def test_bad_window_size(self, window_size):
         with pytest.raises(ValueError, match="window_size"):
-            GCViT(**dict(SMALL, window_size=(7, 7, 14)))
+            GCViT(**dict(SMALL, window_size=window_size))
 
     def test_heads_must_divide_channels(self):
         with pytest.raises(ValueError, match="divisible"):

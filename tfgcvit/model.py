@@ -86,6 +86,13 @@ def _check_input_shape(input_shape, default_size, weights):
 
 
 def _check_window_size(window_size):
+    if not isinstance(window_size, (list, tuple)) or not all(
+        isinstance(w, (int, np.integer)) and not isinstance(w, bool) for w in window_size
+    ):
+        raise ValueError(
+            f"`window_size` must be {NUM_STAGES} positive integers, one per stage, "
+            f"e.g. (7, 7, 14, 7); got {window_size!r}."
+        )
     window_size = tuple(int(w) for w in window_size)
     if len(window_size) != NUM_STAGES or min(window_size) < 1:
         raise ValueError(
@@ -243,15 +250,23 @@ def GCViT(
 
 
 def find_variant(embed_dim, depths, num_heads, window_size, mlp_ratio, layer_scale):
-    """The official variant with these hyper-parameters, or None."""
-    wanted = (embed_dim, tuple(depths), tuple(num_heads), tuple(window_size),
-              float(mlp_ratio), layer_scale)
-    for name, config in VARIANTS.items():
-        known = (config["embed_dim"], config["depths"], config["num_heads"],
-                 config["window_size"], config["mlp_ratio"], config["layer_scale"])
-        if known == wanted:
+    """The official variant with these hyper-parameters, or None.
+
+    An exact match wins; otherwise a variant that differs only in its window sizes
+    (e.g. GC ViT-T at 384 with windows 12/12/24/12), whose weights load with the
+    relative-position bias tables resized.
+    """
+    wanted = (embed_dim, tuple(depths), tuple(num_heads), float(mlp_ratio), layer_scale)
+    same_but_windows = [
+        name
+        for name, config in VARIANTS.items()
+        if (config["embed_dim"], config["depths"], config["num_heads"],
+            config["mlp_ratio"], config["layer_scale"]) == wanted
+    ]
+    for name in same_but_windows:
+        if VARIANTS[name]["window_size"] == tuple(window_size):
             return name
-    return None
+    return same_but_windows[0] if same_but_windows else None
 
 
 def feature_extractor(model):

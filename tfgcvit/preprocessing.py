@@ -3,6 +3,7 @@
 import functools
 import importlib.resources
 
+import keras
 import numpy as np
 from keras import ops
 
@@ -10,6 +11,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+# Registered so that a `.keras` file with `layers.Lambda(preprocess_input)` loads
+# without custom_objects.
+@keras.saving.register_keras_serializable(package="tfgcvit")
 def preprocess_input(x, data_format=None):
     """Normalises RGB images in [0, 255] with the ImageNet mean and std.
 

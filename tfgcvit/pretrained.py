@@ -84,7 +84,7 @@ def checkpoint_entry(variant, pretrain):
             f"Pretrained weights ({pretrain!r}) exist only for the official GC ViT "
             f"configurations ({', '.join(VARIANTS)}); this model's hyper-parameters match "
             "none of them. Build it with a variant constructor (e.g. tfgcvit.GCViTTiny) "
-            "and its default window sizes, or pass weights=None or a checkpoint path."
+            "(any window sizes), or pass weights=None or a checkpoint path."
         )
     key = ALIASES.get(str(variant).lower(), str(variant).lower())
     if key not in VARIANTS:
