@@ -41,6 +41,30 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def realistic_weights_(module, seed):
+    """Re-draws every parameter of a torch module in place with trained-like magnitudes.
+
+    timm's default initialisation makes attention nearly uniform, which hides
+    wiring mistakes (a wrong bias index or head split changes outputs by ~1e-6).
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                param.copy_(torch.randn(param.shape, generator=generator))
+            elif name.endswith("gamma"):
+                param.copy_(0.5 + torch.rand(param.shape, generator=generator))
+            elif "norm" in name and name.endswith("weight"):
+                param.copy_(0.8 + 0.4 * torch.rand(param.shape, generator=generator))
+            elif name.endswith("bias"):
+                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+            else:
+                fan_in = param[0].numel()
+                param.copy_(torch.randn(param.shape, generator=generator) / fan_in**0.5)
+
+
 def tolerance(reference):
     """The parity tolerance of the project: 1e-4 * max(1, max |reference|)."""
     return 1e-4 * max(1.0, float(np.max(np.abs(reference))))

@@ -8,7 +8,7 @@ checkpoints go through the timm layout of `load_torch_weights`.
 import numpy as np
 import pytest
 
-from conftest import tolerance
+from conftest import realistic_weights_, tolerance
 
 torch = pytest.importorskip("torch")
 gcvit = pytest.importorskip("timm.models.gcvit")
@@ -37,24 +37,6 @@ TIMM_CONFIGS = {
 TIMM_REGISTERED = {"xxtiny", "xtiny", "tiny", "small", "base"}
 # Run by default (CI): the smallest, a layer-scale one and a 384 one.
 DEFAULT_RUN = {"xxtiny", "small", "large_384"}
-
-
-def realistic_weights_(module, seed):
-    """Re-draws every parameter in place with trained-like magnitudes."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if name.endswith("relative_position_bias_table"):
-                param.copy_(torch.randn(param.shape, generator=generator))
-            elif name.endswith("gamma"):
-                param.copy_(0.5 + torch.rand(param.shape, generator=generator))
-            elif "norm" in name and name.endswith("weight"):
-                param.copy_(0.8 + 0.4 * torch.rand(param.shape, generator=generator))
-            elif name.endswith("bias"):
-                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
-            else:
-                fan_in = param[0].numel()
-                param.copy_(torch.randn(param.shape, generator=generator) / fan_in**0.5)
 
 
 def build_timm(variant, seed=0):

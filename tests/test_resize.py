@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import FIXTURE_CONFIG, FIXTURES, tolerance
+from conftest import FIXTURE_CONFIG, FIXTURES, realistic_weights_, tolerance
 from tfgcvit.resize import bicubic_matrix, bicubic_resize, resize_bias_table, table_window_size
 
 torch = pytest.importorskip("torch")
@@ -160,23 +160,6 @@ TIMM_CONFIG = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), ml
                    layer_scale=1e-5, num_classes=10)
 
 
-def _realistic_weights_(module, seed):
-    """Trained-like magnitudes, so that the bias tables visibly matter."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if name.endswith("relative_position_bias_table"):
-                param.copy_(torch.randn(param.shape, generator=generator))
-            elif name.endswith("gamma"):
-                param.copy_(0.5 + torch.rand(param.shape, generator=generator))
-            elif "norm" in name and name.endswith("weight"):
-                param.copy_(0.8 + 0.4 * torch.rand(param.shape, generator=generator))
-            elif name.endswith("bias"):
-                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
-            else:
-                param.copy_(torch.randn(param.shape, generator=generator) / param[0].numel() ** 0.5)
-
-
 @pytest.mark.backends
 def test_224_weights_at_384_match_timm_with_torch_resized_tables():
     if keras.backend.backend() == "jax":
@@ -188,7 +171,7 @@ def test_224_weights_at_384_match_timm_with_torch_resized_tables():
     # embed_dim 32: timm rounds SE widths to multiples of 8, which equals the
     # official int(C / 4) only from 32 channels on.
     source = gcvit.GlobalContextVit(**TIMM_CONFIG, img_size=224)
-    _realistic_weights_(source, seed=0)
+    realistic_weights_(source, seed=0)
     state_dict = source.state_dict()
     reference = gcvit.GlobalContextVit(**TIMM_CONFIG, img_size=384).eval()
     resized = {}
