@@ -156,10 +156,9 @@ def choose_path(backend, jit=None, path=None):
 
 def variant_config(name):
     """(variant name, its `tfgcvit.model.VARIANTS` entry) for a name or alias ("nano")."""
-    from tfgcvit.model import VARIANTS, get_constructor
+    from tfgcvit.model import VARIANTS, variant_name
 
-    constructor = get_constructor(name)
-    variant = next(v for v in VARIANTS if get_constructor(v) is constructor)
+    variant = variant_name(name)
     return variant, VARIANTS[variant]
 
 

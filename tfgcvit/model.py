@@ -380,13 +380,18 @@ CONSTRUCTORS = {
 }
 
 
-def get_constructor(variant):
-    """The constructor for a variant name ("tiny", "large_384", or an alias like "nano")."""
+def variant_name(variant):
+    """The official variant name for a name or alias ("Tiny", "large-384", "nano")."""
     key = str(variant).lower().replace("-", "_")
     key = ALIASES.get(key, key)
-    if key not in CONSTRUCTORS:
+    if key not in VARIANTS:
         raise ValueError(
-            f"Unknown GC ViT variant {variant!r}; choose one of {', '.join(CONSTRUCTORS)} "
+            f"Unknown GC ViT variant {variant!r}; choose one of {', '.join(VARIANTS)} "
             f"(aliases: {', '.join(ALIASES)})."
         )
-    return CONSTRUCTORS[key]
+    return key
+
+
+def get_constructor(variant):
+    """The constructor for a variant name ("tiny", "large_384", or an alias like "nano")."""
+    return CONSTRUCTORS[variant_name(variant)]

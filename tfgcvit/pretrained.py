@@ -23,7 +23,7 @@ import numpy as np
 
 from tfgcvit import download
 from tfgcvit.checkpoint import read_checkpoint
-from tfgcvit.model import ALIASES, VARIANTS
+from tfgcvit.model import VARIANTS, variant_name
 from tfgcvit.weights import IGNORED_SUFFIXES, load_torch_weights, to_official_layout
 
 REGISTRY_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "official_weights.json")
@@ -86,9 +86,7 @@ def checkpoint_entry(variant, pretrain):
             "none of them. Build it with a variant constructor (e.g. tfgcvit.GCViTTiny) "
             "(any window sizes), or pass weights=None or a checkpoint path."
         )
-    key = ALIASES.get(str(variant).lower(), str(variant).lower())
-    if key not in VARIANTS:
-        raise ValueError(f"Unknown GC ViT variant {variant!r}; choose one of {', '.join(VARIANTS)}.")
+    key = variant_name(variant)
     for record in records:
         if record["variant"] == key and record["pretrain"] == pretrain:
             return record
