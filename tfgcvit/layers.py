@@ -324,7 +324,12 @@ class WindowAttention(layers.Layer):
     global query, the same for every window of one image.
 
     Inputs are windows shaped (B, num_windows, w*w, C); the global query is
-    (B, 1, heads, w*w, head_dim).
+    (heads, B, 1, w*w, head_dim). Inside, queries, keys and values are laid
+    out heads first, (heads, B * num_windows, w*w, head_dim): with 4-D tensors
+    and a (heads, 1, N, N) bias, TensorFlow's oneDNN graph rewrite fuses the
+    attention matmul, the scale and the bias into one kernel
+    (`_MklFusedBatchMatMulV2`), and no tensor has more than 5 dimensions,
+    which TFLite requires.
     """
 
     def __init__(
@@ -371,39 +376,43 @@ class WindowAttention(layers.Layer):
         self.built = True
 
     def relative_position_bias(self):
+        """The bias added to the attention logits, (heads, 1, w*w, w*w)."""
         tokens = self.window_size**2
         bias = ops.take(self.relative_position_bias_table, self.relative_position_index, axis=0)
-        bias = ops.reshape(bias, (tokens, tokens, self.num_heads))
-        return ops.cast(ops.transpose(bias, (2, 0, 1)), self.compute_dtype)
+        bias = ops.reshape(bias, (1, tokens, tokens, self.num_heads))
+        return ops.cast(ops.transpose(bias, (3, 0, 1, 2)), self.compute_dtype)
 
-    def _split_heads(self, x, shape, parts):
-        # (B * nW * N, parts * C) -> parts x (B, nW, heads, N, head_dim). Batch and
-        # windows stay merged while splitting so that no tensor has more than 5
-        # dimensions: TFLite's strided slice rejects 6-D inputs.
-        batch, windows, tokens = shape[0], shape[1], shape[2]
+    def _split_heads(self, x, tokens, parts):
+        # (B * nW * N, parts * C) -> parts x (heads, B * nW, N, head_dim)
         x = ops.reshape(x, (-1, tokens, parts, self.num_heads, self.head_dim))
-        x = ops.transpose(x, (2, 0, 3, 1, 4))
-        head_shape = (batch, windows, self.num_heads, tokens, self.head_dim)
-        return [ops.reshape(x[i], head_shape) for i in range(parts)]
+        x = ops.transpose(x, (2, 3, 0, 1, 4))
+        return [x[i] for i in range(parts)]
 
     def call(self, inputs, global_query=None, training=None):
-        shape = ops.shape(inputs)
+        batch, windows = ops.shape(inputs)[0], ops.shape(inputs)[1]
+        tokens = self.window_size**2
         channels = self.num_heads * self.head_dim
         # The projections run on a 2-D (tokens, C) view, see `MLP.call`.
         qkv = self.qkv(ops.reshape(inputs, (-1, channels)))
         if self.use_global_query:
-            key, value = self._split_heads(qkv, shape, 2)
-            query = global_query
+            key, value = self._split_heads(qkv, tokens, 2)
+            # Every window of an image attends with that image's global query.
+            query = ops.broadcast_to(
+                global_query, (self.num_heads, batch, windows, tokens, self.head_dim)
+            )
+            query = ops.reshape(query, ops.shape(key))
         else:
-            query, key, value = self._split_heads(qkv, shape, 3)
-        query = query * ops.cast(self.scale, query.dtype)
+            query, key, value = self._split_heads(qkv, tokens, 3)
+        # Scaling the logits rather than the query (as the official code does)
+        # is what lets TensorFlow fuse it; the results agree to float rounding.
         attn = ops.matmul(query, ops.swapaxes(key, -1, -2))
-        attn = ops.softmax(attn + self.relative_position_bias(), axis=-1)
+        attn = attn * ops.cast(self.scale, attn.dtype) + self.relative_position_bias()
+        attn = ops.softmax(attn, axis=-1)
         attn = self.attn_dropout(attn, training=training)
-        x = ops.matmul(attn, value)  # (B, nW, heads, N, head_dim)
-        x = ops.transpose(x, (0, 1, 3, 2, 4))
+        x = ops.matmul(attn, value)  # (heads, B * nW, N, head_dim)
+        x = ops.transpose(x, (1, 2, 0, 3))
         x = self.proj(ops.reshape(x, (-1, channels)))
-        x = ops.reshape(x, (shape[0], shape[1], shape[2], channels))
+        x = ops.reshape(x, (batch, windows, tokens, channels))
         return self.proj_dropout(x, training=training)
 
     def compute_output_shape(self, input_shape):
@@ -673,11 +682,11 @@ class GCViTLevel(layers.Layer):
         self.built = True
 
     def global_query(self, inputs):
-        """(B, H, W, C) -> (B, 1, heads, w*w, head_dim): channel c goes to head c // head_dim."""
+        """(B, H, W, C) -> (heads, B, 1, w*w, head_dim): channel c goes to head c // head_dim."""
         q = self.q_global_gen(inputs)
         batch = ops.shape(q)[0]
         q = ops.reshape(q, (batch, 1, self.window_size**2, self.num_heads, self.head_dim))
-        return ops.transpose(q, (0, 1, 3, 2, 4))
+        return ops.transpose(q, (3, 0, 1, 2, 4))
 
     def call(self, inputs, training=None):
         global_query = self.global_query(inputs)
