@@ -116,6 +116,28 @@ def test_dynamic_batch(small_model):
         assert small_model.predict(images, verbose=0).shape == (batch, 5)
 
 
+@pytest.mark.backends
+@pytest.mark.parametrize("rows", [1, 49, tfgcvit.layers.ROW_SPLIT_MAX_ROWS, tfgcvit.layers.ROW_SPLIT_MAX_ROWS + 1])
+def test_mlp_matches_numpy_on_either_side_of_the_row_split(rows):
+    """On TensorFlow up to ROW_SPLIT_MAX_ROWS rows go through the dense layers in two halves."""
+    import math
+
+    channels, hidden = 8, 24
+    inputs = keras.Input((None, 1, channels))  # rows unknown until run: the runtime branch
+    mlp = tfgcvit.layers.MLP(hidden)
+    model = keras.Model(inputs, mlp(inputs))
+    rng = np.random.default_rng(rows)
+    weights = [0.3 * rng.normal(size=v.shape).astype("float32") for v in mlp.weights]
+    mlp.set_weights(weights)
+    x = rng.normal(size=(1, rows, 1, channels)).astype("float32")
+    w1, b1, w2, b2 = weights
+    h = x.reshape(rows, channels) @ w1 + b1
+    h = 0.5 * h * (1 + np.vectorize(math.erf)(h / math.sqrt(2)))
+    expected = (h @ w2 + b2).reshape(x.shape)
+    for got in (model.predict(x, verbose=0), keras.ops.convert_to_numpy(mlp(x))):
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+
+
 def test_padding_leaves_padded_image_region_out(small_model):
     """An image not a window multiple: outputs are finite and independent of the batch."""
     images = np.random.default_rng(2).normal(size=(2, 97, 131, 3)).astype("float32")
