@@ -117,9 +117,10 @@ def test_dynamic_batch(small_model):
 
 
 @pytest.mark.backends
-@pytest.mark.parametrize("rows", [1, 49, tfgcvit.layers.ROW_SPLIT_MAX_ROWS, tfgcvit.layers.ROW_SPLIT_MAX_ROWS + 1])
+@pytest.mark.parametrize("rows", [1, tfgcvit.layers.ROW_SPLIT_MIN_ROWS, tfgcvit.layers.ROW_SPLIT_MIN_ROWS + 1,
+                                  197, tfgcvit.layers.ROW_SPLIT_MAX_ROWS, tfgcvit.layers.ROW_SPLIT_MAX_ROWS + 1])
 def test_mlp_matches_numpy_on_either_side_of_the_row_split(rows):
-    """On TensorFlow up to ROW_SPLIT_MAX_ROWS rows go through the dense layers in two halves."""
+    """On TensorFlow some row counts go through the dense layers in two halves (an odd one too)."""
     import math
 
     channels, hidden = 8, 24

@@ -20,26 +20,30 @@ def _gelu(x):
     return ops.gelu(x, approximate=False)
 
 
-# Up to this many rows, a dense layer on TensorFlow runs faster as two half-size
-# matmuls at once than as one (see `_by_row_halves`).
+# On TensorFlow, dense layers on more than ROW_SPLIT_MIN_ROWS and at most
+# ROW_SPLIT_MAX_ROWS rows of at most ROW_SPLIT_MAX_CHANNELS channels run as two
+# half-size matmuls at once (see `_by_row_halves`).
+ROW_SPLIT_MIN_ROWS = 64
 ROW_SPLIT_MAX_ROWS = 1024
+ROW_SPLIT_MAX_CHANNELS = 256
 
 
 def _by_row_halves(function, rows):
     """`function(rows)` for a row-wise function of a (rows, C) matrix.
 
-    On TensorFlow, matrices of at most `ROW_SPLIT_MAX_ROWS` rows go through
+    On TensorFlow, matrices within the ROW_SPLIT_* limits go through
     `function` as two row halves that are then concatenated: oneDNN's matmul
     inside TensorFlow hardly uses a second thread for a few hundred rows
     (196 x 256 @ 256 x 768: 148 GFLOP/s on one thread, 144 on two, where
     PyTorch reaches 295; `bench/matmul_peak.py`), while two independent
-    half-size matmuls run at once on its two inter-op threads. For the MLPs of
-    GCViT-Tiny at batch 1 that is 1.06x (3,136 rows), 1.45x (784) and 1.48x
-    (196) faster; from about 1,568 rows on it gains nothing and at 6,272 rows
-    and more it loses 5-8%, hence the limit. Rows are independent, so results
-    agree to float rounding. Other backends get `function(rows)`.
+    half-size matmuls run at once on its two inter-op threads. For GCViT-Tiny's
+    MLPs that is 1.2-1.5x faster at 98-784 rows of 128-256 channels; with fewer
+    rows, more channels (each half then reads all the weights for little work)
+    or more rows it gains nothing or loses up to 30% (`bench/row_split.py`,
+    measured on 2 cores). Rows are independent, so results agree to float
+    rounding. Other backends get `function(rows)`.
     """
-    if keras.backend.backend() != "tensorflow":
+    if keras.backend.backend() != "tensorflow" or rows.shape[-1] > ROW_SPLIT_MAX_CHANNELS:
         return function(rows)
 
     def halves():
@@ -48,8 +52,10 @@ def _by_row_halves(function, rows):
 
     count = rows.shape[0]
     if count is not None:
-        return halves() if count <= ROW_SPLIT_MAX_ROWS else function(rows)
-    return ops.cond(ops.shape(rows)[0] <= ROW_SPLIT_MAX_ROWS, halves, lambda: function(rows))
+        return halves() if ROW_SPLIT_MIN_ROWS < count <= ROW_SPLIT_MAX_ROWS else function(rows)
+    count = ops.shape(rows)[0]
+    in_range = ops.logical_and(count > ROW_SPLIT_MIN_ROWS, count <= ROW_SPLIT_MAX_ROWS)
+    return ops.cond(in_range, halves, lambda: function(rows))
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
