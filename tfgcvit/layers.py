@@ -37,9 +37,9 @@ def _by_row_halves(function, rows):
     (196 x 256 @ 256 x 768: 148 GFLOP/s on one thread, 144 on two, where
     PyTorch reaches 295; `bench/matmul_peak.py`), while two independent
     half-size matmuls run at once on its two inter-op threads. For GCViT-Tiny's
-    MLPs that is 1.2-1.5x faster at 98-784 rows of 128-256 channels; with fewer
+    MLPs that is 1.1-1.45x faster at 98-784 rows of 128-256 channels; with fewer
     rows, more channels (each half then reads all the weights for little work)
-    or more rows it gains nothing or loses up to 30% (`bench/row_split.py`,
+    or more rows it gains nothing or loses up to 26% (`bench/row_split.py`,
     measured on 2 cores). Rows are independent, so results agree to float
     rounding. Other backends get `function(rows)`.
     """
@@ -50,9 +50,11 @@ def _by_row_halves(function, rows):
         half = ops.shape(rows)[0] // 2
         return ops.concatenate([function(rows[:half]), function(rows[half:])], axis=0)
 
-    count = rows.shape[0]
-    if count is not None:
-        return halves() if ROW_SPLIT_MIN_ROWS < count <= ROW_SPLIT_MAX_ROWS else function(rows)
+    static_count = rows.shape[0]
+    if static_count is not None:
+        in_range = ROW_SPLIT_MIN_ROWS < static_count <= ROW_SPLIT_MAX_ROWS
+        return halves() if in_range else function(rows)
+    # The batch size is unknown while tracing: choose when the graph runs.
     count = ops.shape(rows)[0]
     in_range = ops.logical_and(count > ROW_SPLIT_MIN_ROWS, count <= ROW_SPLIT_MAX_ROWS)
     return ops.cond(in_range, halves, lambda: function(rows))
