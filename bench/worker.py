@@ -107,7 +107,7 @@ def build_keras(args, x):
     keras.mixed_precision.set_global_policy(args.dtype)
     variant, config = bench.variant_config(args.model)
     constructor = get_constructor(variant)
-    args.gflop = bench.model_flops(config, args.height, args.width) / 1e9
+    args.gflop = bench.flop_count(config, args.height, args.width) / 1e9
     start = time.perf_counter()
     model = constructor(weights=None, input_shape=(args.height, args.width, 3))
     runner, device_x = bench._make_runner(model, backend, args.path, x)

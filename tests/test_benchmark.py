@@ -63,4 +63,4 @@ def test_flop_count_matches_torch_flop_counter():
     expected = {"xxtiny": 4.24158464e9, "tiny": 9.522006528e9, "small": 17.059093248e9,
                 "base": 29.63247616e9}
     for name, flops in expected.items():
-        assert benchmark.model_flops(VARIANTS[name], 224, 224) == pytest.approx(flops, rel=1e-9), name
+        assert benchmark.flop_count(VARIANTS[name], 224, 224) == pytest.approx(flops, rel=1e-9), name

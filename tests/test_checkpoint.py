@@ -30,7 +30,7 @@ def test_fixture_logits_match_golden_without_torch():
     result = run_without_torch(f"""
         import numpy as np
         import tfgcvit
-        from tfgcvit.weights import load_weights
+        from tfgcvit.pretrained import load_weights
         from weights_helpers import FIXTURE_MODEL_CONFIG, GOLDEN_FIXTURE, tolerance
 
         golden = np.load(GOLDEN_FIXTURE)

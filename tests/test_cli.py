@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tfgcvit.cli import count_parameters, main
+from tfgcvit.cli import main
+from tfgcvit.config import parameter_count
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
@@ -373,7 +374,7 @@ def test_parameter_count_matches_the_official_models():
     from tfgcvit.model import VARIANTS
 
     for name, config in VARIANTS.items():
-        counted = count_parameters(config["embed_dim"], config["depths"], config["num_heads"],
+        counted = parameter_count(config["embed_dim"], config["depths"], config["num_heads"],
                                    config["window_size"], config["mlp_ratio"], config["layer_scale"])
         assert counted == OFFICIAL_PARAMS[name], name
 
@@ -382,7 +383,7 @@ def test_parameter_count_matches_keras(fixture_model):
     from conftest import FIXTURE_CONFIG
 
     config = FIXTURE_CONFIG
-    assert count_parameters(config["embed_dim"], config["depths"], config["num_heads"], config["window_size"],
+    assert parameter_count(config["embed_dim"], config["depths"], config["num_heads"], config["window_size"],
                             config["mlp_ratio"], config["layer_scale"], config["classes"]) \
         == fixture_model.count_params()
 

@@ -116,7 +116,7 @@ def test_python_example_runs(block, fixture_constructor, monkeypatch):
 def test_variants_table_matches_the_package():
     import json
 
-    from tfgcvit.cli import count_parameters
+    from tfgcvit.config import parameter_count
     from tfgcvit.model import CONSTRUCTORS, VARIANTS
 
     registry = json.loads((REPO / "tfgcvit" / "data" / "official_weights.json").read_text())["checkpoints"]
@@ -126,7 +126,7 @@ def test_variants_table_matches_the_package():
     for variant, constructor, params, windows, size, top1 in rows:
         config = VARIANTS[variant]
         assert constructor == CONSTRUCTORS[variant].__name__
-        assert int(params.replace(",", "")) == count_parameters(
+        assert int(params.replace(",", "")) == parameter_count(
             config["embed_dim"], config["depths"], config["num_heads"], config["window_size"],
             config["mlp_ratio"], config["layer_scale"])
         assert tuple(int(w) for w in windows.split(",")) == config["window_size"]

@@ -45,6 +45,8 @@ import time
 
 import numpy as np
 
+from tfgcvit.config import VARIANTS, flop_count, variant_name
+
 BACKENDS = ("tensorflow", "jax", "torch")
 DTYPES = ("float32", "mixed_bfloat16", "mixed_float16")
 # Inference paths per backend: (path used by --jit, path used by --no-jit, all paths).
@@ -155,65 +157,9 @@ def choose_path(backend, jit=None, path=None):
 
 
 def variant_config(name):
-    """(variant name, its `tfgcvit.model.VARIANTS` entry) for a name or alias ("nano")."""
-    from tfgcvit.model import VARIANTS, variant_name
-
+    """(variant name, its `tfgcvit.config.VARIANTS` entry) for a name or alias ("nano")."""
     variant = variant_name(name)
     return variant, VARIANTS[variant]
-
-
-def model_flops(config, height, width, classes=1000):
-    """Multiply-add count of one image through a GC ViT, times two (GFLOP = 1e9).
-
-    Counts convolutions, dense layers and the two attention matmuls (the
-    element-wise work of norms, activations and softmax is left out, as usual).
-    Windows are counted on the padded map, like the model computes them.
-
-    Args:
-        config: a `tfgcvit.model.VARIANTS` entry (embed_dim, depths, num_heads,
-            window_size, mlp_ratio).
-        height: input height.
-        width: input width.
-        classes: classes of the head.
-
-    Returns:
-        FLOPs per image (float).
-    """
-    from tfgcvit.model import NUM_STAGES, QUERY_KEEP_DIMS
-
-    half = lambda n: (n - 1) // 2 + 1
-    channels = config["embed_dim"]
-
-    def mbconv(h, w, c):
-        return h * w * 9 * c + 2 * c * int(c * 0.25) + h * w * c * c
-
-    def reduce_size(h, w, c, c_out):
-        return mbconv(h, w, c) + half(h) * half(w) * 9 * c * c_out
-
-    h, w = half(height), half(width)
-    macs = h * w * 9 * 3 * channels  # stem conv
-    macs += reduce_size(h, w, channels, channels)
-    h, w = half(h), half(w)
-    for i in range(NUM_STAGES):
-        c, ws = channels, config["window_size"][i]
-        qh, qw = h, w
-        for keep in QUERY_KEEP_DIMS[i]:
-            macs += mbconv(qh, qw, c)
-            if not keep:
-                qh, qw = half(qh), half(qw)
-        padded = (-(-h // ws) * ws) * (-(-w // ws) * ws)
-        hidden = int(c * config["mlp_ratio"])
-        for block in range(config["depths"][i]):
-            projections = 2 if block % 2 else 3
-            macs += padded * c * projections * c  # qkv (or kv)
-            macs += 2 * padded * ws * ws * c  # q k^T and attn v
-            macs += padded * c * c  # proj
-            macs += 2 * h * w * c * hidden  # MLP
-        if i < NUM_STAGES - 1:
-            macs += reduce_size(h, w, c, 2 * c)
-            h, w, channels = half(h), half(w), 2 * c
-    macs += channels * classes
-    return 2.0 * macs
 
 
 def cpu_model():
@@ -344,7 +290,7 @@ def run_benchmark(args):
 
     times_ms = np.array(times) * 1e3
     median = float(np.median(times_ms))
-    flops = model_flops(config, height, width)
+    flops = flop_count(config, height, width)
     images_per_second = args.batch_size / (median / 1e3)
     backend_module = importlib.import_module(backend)
     return {

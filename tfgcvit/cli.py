@@ -19,11 +19,10 @@ import time
 
 import numpy as np
 
+from tfgcvit.config import ALIASES, DEFAULT_CROP_PCT, VARIANTS, WEIGHTS_LICENSE, parameter_count
+
 PROG = "tfgcvit"
 DEFAULT_MODEL = "tiny"
-# Without a registry entry for the weights (a local or custom checkpoint),
-# evaluate like timm's default test transform.
-DEFAULT_CROP_PCT = 0.875
 CUSTOM_MODEL = "custom"
 CUSTOM_CONFIG_KEYS = ("dim", "depths", "num_heads", "window_size", "mlp_ratio", "layer_scale", "num_classes")
 TFDS_PREFIX = "tfds:"
@@ -83,60 +82,6 @@ def _import_keras():
             import tensorflow  # noqa: F401  (its banners come on first import)
 
 
-# Parameter counts ------------------------------------------------------------
-
-
-def count_parameters(embed_dim, depths, num_heads, window_size, mlp_ratio, layer_scale, classes=1000):
-    """The number of weights of a GC ViT, computed from its hyper-parameters.
-
-    Counts what the official code counts as parameters (no
-    `relative_position_index` buffers) and what `model.count_params()` of the
-    Keras model gives, without building the model (the large ones take minutes).
-
-    Args:
-        embed_dim, depths, num_heads, window_size, mlp_ratio, layer_scale: as
-            for `tfgcvit.GCViT`.
-        classes: classes of the head; 0 for a model without head.
-
-    Returns:
-        The parameter count, an int.
-    """
-
-    def mbconv(channels):
-        squeezed = int(channels * 0.25)
-        return 9 * channels + 2 * channels * squeezed + channels * channels
-
-    def reduce_size(channels, out_channels):
-        return 2 * channels + mbconv(channels) + 9 * channels * out_channels + 2 * out_channels
-
-    from tfgcvit.model import QUERY_KEEP_DIMS
-
-    total = 27 * embed_dim + embed_dim + reduce_size(embed_dim, embed_dim)
-    for stage, (depth, heads, window) in enumerate(zip(depths, num_heads, window_size)):
-        channels = embed_dim * 2**stage
-        hidden = int(channels * mlp_ratio)
-        # One MBConv per feature-extract block of the stage's global query generator.
-        total += len(QUERY_KEEP_DIMS[stage]) * mbconv(channels)
-        for block in range(depth):
-            # Even blocks are local attention (q, k, v), odd ones global (k, v only).
-            projections = 3 if block % 2 == 0 else 2
-            total += 2 * channels  # norm1
-            total += channels * projections * channels + projections * channels
-            total += (2 * window - 1) ** 2 * heads
-            total += channels * channels + channels  # proj
-            total += 2 * channels  # norm2
-            total += channels * hidden + hidden + hidden * channels + channels
-            if layer_scale is not None:
-                total += 2 * channels
-        if stage < len(depths) - 1:
-            total += reduce_size(channels, 2 * channels)
-    final_channels = embed_dim * 2 ** (len(depths) - 1)
-    total += 2 * final_channels
-    if classes:
-        total += final_channels * classes + classes
-    return total
-
-
 # Building the model ----------------------------------------------------------
 
 
@@ -164,7 +109,7 @@ def _resolve_model(args):
         A dict with "build" (a function of no arguments giving the model),
         "size", "crop_pct", "crop_mode", "classes", "name" and "weights".
     """
-    from tfgcvit.model import ALIASES, VARIANTS, GCViT, get_constructor
+    from tfgcvit.model import GCViT, get_constructor
     from tfgcvit.pretrained import PRETRAIN_NAMES, checkpoint_entry
 
     model_name = args.model.lower().replace("-", "_")
@@ -550,13 +495,13 @@ def _evaluate(args):
 
 
 def _info(args):
-    from tfgcvit.model import ALIASES, CONSTRUCTORS, VARIANTS, WEIGHTS_LICENSE
+    from tfgcvit.model import CONSTRUCTORS
     from tfgcvit.pretrained import pretrained_info
 
     checkpoints = pretrained_info()
     rows = []
     for variant, config in VARIANTS.items():
-        params = count_parameters(config["embed_dim"], config["depths"], config["num_heads"],
+        params = parameter_count(config["embed_dim"], config["depths"], config["num_heads"],
                                   config["window_size"], config["mlp_ratio"], config["layer_scale"])
         for entry in [entry for entry in checkpoints if entry["variant"] == variant] or [{}]:
             rows.append({
@@ -659,8 +604,6 @@ def _add_model_arguments(parser, batch_size):
 
 
 def build_parser():
-    from tfgcvit.model import WEIGHTS_LICENSE
-
     parser = _Parser(
         prog=PROG,
         description="Global Context Vision Transformer (GC ViT) in Keras 3: classify images, "

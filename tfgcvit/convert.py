@@ -11,7 +11,8 @@ import sys
 
 from tfgcvit.checkpoint import CheckpointError, read_checkpoint
 from tfgcvit.download import DownloadError, fetch
-from tfgcvit.model import NUM_STAGES, VARIANTS, get_constructor
+from tfgcvit.config import ARCHITECTURE_KEYS, NUM_STAGES, VARIANTS, find_variant
+from tfgcvit.model import get_constructor
 from tfgcvit.weights import WeightsMismatchError, load_torch_weights, to_official_layout
 
 
@@ -83,14 +84,9 @@ def detect_variant(state_dict):
         UnknownVariantError: no official variant matches; the message says what was detected.
     """
     config = detect_config(state_dict)
-    for name, known in VARIANTS.items():
-        if (known["embed_dim"] == config["embed_dim"]
-                and tuple(known["depths"]) == config["depths"]
-                and tuple(known["num_heads"]) == config["num_heads"]
-                and tuple(known["window_size"]) == config["window_size"]
-                and float(known["mlp_ratio"]) == config["mlp_ratio"]
-                and (known["layer_scale"] is not None) == config["layer_scale"]):
-            return name, config
+    name = find_variant(**{key: config[key] for key in ARCHITECTURE_KEYS}, exact=True)
+    if name is not None:
+        return name, config
     raise UnknownVariantError(
         "The checkpoint matches no official GC ViT variant. Detected: "
         f"embed_dim={config['embed_dim']}, depths={config['depths']}, "

@@ -4,15 +4,18 @@ Every layer works on channels-last tensors and uses `keras.ops` only, so the
 model runs on the TensorFlow, JAX and PyTorch backends. Sub-layer and weight
 names mirror the official PyTorch code (``levels.0.blocks.1.attn.qkv`` lives
 in ``levels_0`` -> ``blocks[1]`` -> ``attn`` -> ``qkv``), which keeps the
-checkpoint mapping in `tfgcvit.weights` a plain table.
+checkpoint mapping in `tfgcvit.weights` a plain table. Sub-layers are given
+their parent's dtype policy: Keras does not pass it on, and a backbone built
+with `dtype="mixed_bfloat16"` must compute in bfloat16 all the way down.
 """
 
 import numpy as np
 import keras
 from keras import layers, ops
 
+from tfgcvit.config import LAYER_NORM_EPSILON
+
 PACKAGE = "tfgcvit"
-LAYER_NORM_EPSILON = 1e-5
 
 
 def _gelu(x):
@@ -88,8 +91,8 @@ class LayerNorm(layers.LayerNormalization):
         return ops.cast(x, self.compute_dtype)
 
 
-def _layer_norm(name):
-    return LayerNorm(epsilon=LAYER_NORM_EPSILON, name=name)
+def _layer_norm(name, dtype=None):
+    return LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=dtype, name=name)
 
 
 def _pad_symmetric(x, amount, value=0.0):
@@ -156,8 +159,8 @@ class SqueezeExcite(layers.Layer):
 
     def build(self, input_shape):
         channels = input_shape[-1]
-        self.fc_0 = layers.Dense(int(channels * self.expansion), use_bias=False, name="fc_0")
-        self.fc_2 = layers.Dense(channels, use_bias=False, name="fc_2")
+        self.fc_0 = layers.Dense(int(channels * self.expansion), use_bias=False, dtype=self.dtype_policy, name="fc_0")
+        self.fc_2 = layers.Dense(channels, use_bias=False, dtype=self.dtype_policy, name="fc_2")
         self.fc_0.build((None, channels))
         self.fc_2.build((None, int(channels * self.expansion)))
         self.built = True
@@ -186,9 +189,11 @@ class MBConv(layers.Layer):
 
     def build(self, input_shape):
         channels = input_shape[-1]
-        self.conv_0 = layers.DepthwiseConv2D(3, padding="same", use_bias=False, name="conv_0")
-        self.se = SqueezeExcite(name="se")
-        self.conv_3 = layers.Conv2D(channels, 1, use_bias=False, name="conv_3")
+        self.conv_0 = layers.DepthwiseConv2D(
+            3, padding="same", use_bias=False, dtype=self.dtype_policy, name="conv_0"
+        )
+        self.se = SqueezeExcite(dtype=self.dtype_policy, name="se")
+        self.conv_3 = layers.Conv2D(channels, 1, use_bias=False, dtype=self.dtype_policy, name="conv_3")
         shape = (None, None, None, channels)
         self.conv_0.build(shape)
         self.se.build(shape)
@@ -218,10 +223,12 @@ class ReduceSize(layers.Layer):
     def build(self, input_shape):
         channels = input_shape[-1]
         out_channels = channels if self.keep_dim else 2 * channels
-        self.norm1 = _layer_norm("norm1")
-        self.conv = MBConv(name="conv")
-        self.reduction = layers.Conv2D(out_channels, 3, strides=2, use_bias=False, name="reduction")
-        self.norm2 = _layer_norm("norm2")
+        self.norm1 = _layer_norm("norm1", self.dtype_policy)
+        self.conv = MBConv(dtype=self.dtype_policy, name="conv")
+        self.reduction = layers.Conv2D(
+            out_channels, 3, strides=2, use_bias=False, dtype=self.dtype_policy, name="reduction"
+        )
+        self.norm2 = _layer_norm("norm2", self.dtype_policy)
         shape = (None, None, None, channels)
         self.norm1.build(shape)
         self.conv.build(shape)
@@ -255,8 +262,8 @@ class PatchEmbed(layers.Layer):
         self.embed_dim = embed_dim
 
     def build(self, input_shape):
-        self.proj = layers.Conv2D(self.embed_dim, 3, strides=2, name="proj")
-        self.conv_down = ReduceSize(keep_dim=True, name="conv_down")
+        self.proj = layers.Conv2D(self.embed_dim, 3, strides=2, dtype=self.dtype_policy, name="proj")
+        self.conv_down = ReduceSize(keep_dim=True, dtype=self.dtype_policy, name="conv_down")
         self.proj.build(input_shape)
         self.conv_down.build((None, None, None, self.embed_dim))
         self.built = True
@@ -284,7 +291,7 @@ class FeatExtract(layers.Layer):
         self.keep_dim = keep_dim
 
     def build(self, input_shape):
-        self.conv = MBConv(name="conv")
+        self.conv = MBConv(dtype=self.dtype_policy, name="conv")
         self.conv.build(input_shape)
         self.built = True
 
@@ -329,7 +336,7 @@ class GlobalQueryGen(layers.Layer):
 
     def build(self, input_shape):
         self.to_q_global = [
-            FeatExtract(keep_dim=keep, name=f"to_q_global_{i}")
+            FeatExtract(keep_dim=keep, dtype=self.dtype_policy, name=f"to_q_global_{i}")
             for i, keep in enumerate(self.keep_dims)
         ]
         for block in self.to_q_global:
@@ -401,10 +408,12 @@ class WindowAttention(layers.Layer):
         self.head_dim = channels // self.num_heads
         self.scale = self.qk_scale or self.head_dim**-0.5
         projections = 2 if self.use_global_query else 3
-        self.qkv = layers.Dense(projections * channels, use_bias=self.qkv_bias, name="qkv")
-        self.proj = layers.Dense(channels, name="proj")
-        self.attn_dropout = layers.Dropout(self.attn_drop, name="attn_drop")
-        self.proj_dropout = layers.Dropout(self.proj_drop, name="proj_drop")
+        self.qkv = layers.Dense(
+            projections * channels, use_bias=self.qkv_bias, dtype=self.dtype_policy, name="qkv"
+        )
+        self.proj = layers.Dense(channels, dtype=self.dtype_policy, name="proj")
+        self.attn_dropout = layers.Dropout(self.attn_drop, dtype=self.dtype_policy, name="attn_drop")
+        self.proj_dropout = layers.Dropout(self.proj_drop, dtype=self.dtype_policy, name="proj_drop")
         self.qkv.build((None, channels))
         self.proj.build((None, channels))
         self.relative_position_bias_table = self.add_weight(
@@ -485,9 +494,9 @@ class MLP(layers.Layer):
 
     def build(self, input_shape):
         channels = input_shape[-1]
-        self.fc1 = layers.Dense(self.hidden_dim, name="fc1")
-        self.fc2 = layers.Dense(channels, name="fc2")
-        self.dropout = layers.Dropout(self.drop, name="drop")
+        self.fc1 = layers.Dense(self.hidden_dim, dtype=self.dtype_policy, name="fc1")
+        self.fc2 = layers.Dense(channels, dtype=self.dtype_policy, name="fc2")
+        self.dropout = layers.Dropout(self.drop, dtype=self.dtype_policy, name="drop")
         self.fc1.build((None, channels))
         self.fc2.build((None, self.hidden_dim))
         self.built = True
@@ -573,7 +582,7 @@ class GCViTBlock(layers.Layer):
 
     def build(self, input_shape):
         channels = input_shape[-1]
-        self.norm1 = _layer_norm("norm1")
+        self.norm1 = _layer_norm("norm1", self.dtype_policy)
         self.attn = WindowAttention(
             self.window_size,
             self.num_heads,
@@ -582,11 +591,12 @@ class GCViTBlock(layers.Layer):
             qk_scale=self.qk_scale,
             attn_drop=self.attn_drop,
             proj_drop=self.drop,
+            dtype=self.dtype_policy,
             name="attn",
         )
-        self.norm2 = _layer_norm("norm2")
-        self.mlp = MLP(int(channels * self.mlp_ratio), drop=self.drop, name="mlp")
-        self.drop_path = DropPath(self.path_drop, name="drop_path")
+        self.norm2 = _layer_norm("norm2", self.dtype_policy)
+        self.mlp = MLP(int(channels * self.mlp_ratio), drop=self.drop, dtype=self.dtype_policy, name="mlp")
+        self.drop_path = DropPath(self.path_drop, dtype=self.dtype_policy, name="drop_path")
         shape = (None, None, None, channels)
         self.norm1.build(shape)
         self.attn.build(shape)
@@ -700,7 +710,9 @@ class GCViTLevel(layers.Layer):
         if channels is None:
             raise ValueError("GCViTLevel needs a known channel dimension.")
         self.head_dim = channels // self.num_heads
-        self.q_global_gen = GlobalQueryGen(self.window_size, self.keep_dims, name="q_global_gen")
+        self.q_global_gen = GlobalQueryGen(
+            self.window_size, self.keep_dims, dtype=self.dtype_policy, name="q_global_gen"
+        )
         self.blocks = [
             GCViTBlock(
                 self.window_size,
@@ -713,6 +725,7 @@ class GCViTLevel(layers.Layer):
                 attn_drop=self.attn_drop,
                 path_drop=self.path_drop[i],
                 layer_scale=self.layer_scale,
+                dtype=self.dtype_policy,
                 name=f"blocks_{i}",
             )
             for i in range(self.depth)

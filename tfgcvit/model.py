@@ -1,104 +1,107 @@
-"""GC ViT models: one generic builder and one thin constructor per official variant."""
+"""GC ViT models: one graph builder, the Keras Applications front door, feature extraction.
+
+`gcvit_graph` lays out the network (stem, four stages, their downsamples,
+final norm) once; `GCViT` and the per-variant constructors (`GCViTTiny`, ...)
+put an optional preprocessing layer before it and a head after it, and
+`tfgcvit.GCViTBackbone` (keras-hub) wraps the same graph. The hyper-parameters
+of the official variants live in `tfgcvit.config`.
+"""
 
 import numpy as np
 import keras
 from keras import layers
 
-from tfgcvit.layers import GCViTLevel, PatchEmbed, ReduceSize
-
-MIN_SIZE = 32
-NUM_STAGES = 4
-# FeatExtract pooling flags of each stage's global query generator: the official
-# chain for every registered variant (56, 28, 14, 7 -> 7, 7, 14, 7 at 224).
-QUERY_KEEP_DIMS = ((False, False, False), (False, False), (True,), (True,))
-
-WEIGHTS_LICENSE = (
-    "The official pretrained weights are released by NVIDIA under CC-BY-NC-SA-4.0 "
-    "(non-commercial use only)."
+from tfgcvit.config import (  # noqa: F401  (re-exported: the public home of the variants)
+    ALIASES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MIN_SIZE,
+    NUM_STAGES,
+    QUERY_KEEP_DIMS,
+    VARIANTS,
+    WEIGHTS_LICENSE,
+    check_architecture,
+    check_image_shape,
+    find_variant,
+    variant_name,
 )
-
-# Official hyper-parameters (NVlabs/GCVit registrations). `weights` names the
-# default pretrained checkpoint of each constructor.
-VARIANTS = {
-    "xxtiny": dict(embed_dim=64, depths=(2, 2, 6, 2), num_heads=(2, 4, 8, 16),
-                   window_size=(7, 7, 14, 7), mlp_ratio=3.0, layer_scale=None,
-                   path_drop=0.2, input_size=224, weights="imagenet"),
-    "xtiny": dict(embed_dim=64, depths=(3, 4, 6, 5), num_heads=(2, 4, 8, 16),
-                  window_size=(7, 7, 14, 7), mlp_ratio=3.0, layer_scale=None,
-                  path_drop=0.2, input_size=224, weights="imagenet"),
-    "tiny": dict(embed_dim=64, depths=(3, 4, 19, 5), num_heads=(2, 4, 8, 16),
-                 window_size=(7, 7, 14, 7), mlp_ratio=3.0, layer_scale=None,
-                 path_drop=0.2, input_size=224, weights="imagenet"),
-    "tiny2": dict(embed_dim=64, depths=(3, 4, 29, 5), num_heads=(2, 4, 8, 16),
-                  window_size=(7, 7, 14, 7), mlp_ratio=3.0, layer_scale=None,
-                  path_drop=0.25, input_size=224, weights="imagenet"),
-    "small": dict(embed_dim=96, depths=(3, 4, 19, 5), num_heads=(3, 6, 12, 24),
-                  window_size=(7, 7, 14, 7), mlp_ratio=2.0, layer_scale=1e-5,
-                  path_drop=0.3, input_size=224, weights="imagenet"),
-    "small2": dict(embed_dim=96, depths=(3, 4, 23, 5), num_heads=(3, 6, 12, 24),
-                   window_size=(7, 7, 14, 7), mlp_ratio=3.0, layer_scale=1e-5,
-                   path_drop=0.35, input_size=224, weights="imagenet"),
-    "base": dict(embed_dim=128, depths=(3, 4, 19, 5), num_heads=(4, 8, 16, 32),
-                 window_size=(7, 7, 14, 7), mlp_ratio=2.0, layer_scale=1e-5,
-                 path_drop=0.5, input_size=224, weights="imagenet"),
-    "large": dict(embed_dim=192, depths=(3, 4, 19, 5), num_heads=(6, 12, 24, 48),
-                  window_size=(7, 7, 14, 7), mlp_ratio=2.0, layer_scale=1e-5,
-                  path_drop=0.5, input_size=224, weights="imagenet"),
-    "large_384": dict(embed_dim=192, depths=(3, 4, 19, 5), num_heads=(6, 12, 24, 48),
-                      window_size=(12, 12, 24, 12), mlp_ratio=2.0, layer_scale=1e-5,
-                      path_drop=0.1, input_size=384, weights="imagenet21k"),
-    "large_512": dict(embed_dim=192, depths=(3, 4, 19, 5), num_heads=(6, 12, 24, 48),
-                      window_size=(16, 16, 32, 16), mlp_ratio=2.0, layer_scale=1e-5,
-                      path_drop=0.1, input_size=512, weights="imagenet21k"),
-}
-ALIASES = {"nano": "xxtiny", "micro": "xtiny"}
-
+from tfgcvit.layers import LAYER_NORM_EPSILON, GCViTLevel, PatchEmbed, ReduceSize
+from tfgcvit.pretrained import PRETRAIN_NAMES, load_weights
 
 def _is_pretrained(weights):
-    return isinstance(weights, str) and weights in ("imagenet", "imagenet21k")
+    return isinstance(weights, str) and weights in PRETRAIN_NAMES
 
 
-def _check_input_shape(input_shape, default_size, weights):
-    if input_shape is None:
-        return (default_size, default_size, 3)
-    input_shape = tuple(input_shape)
-    if len(input_shape) != 3:
-        raise ValueError(
-            f"`input_shape` must be (height, width, channels) without the batch "
-            f"dimension, e.g. (224, 224, 3); got {input_shape}."
-        )
-    height, width, channels = input_shape
-    if channels is None or channels < 1:
-        raise ValueError(f"The channel dimension of `input_shape` must be known; got {input_shape}.")
-    if weights is not None and channels != 3:
-        raise ValueError(
-            f"Pretrained weights expect RGB inputs with 3 channels; `input_shape` "
-            f"has {channels}. Pass weights=None to train from scratch on "
-            f"{channels}-channel images."
-        )
-    for name, size in (("height", height), ("width", width)):
-        if size is not None and size < MIN_SIZE:
-            raise ValueError(
-                f"Input {name} {size} is below the minimum of {MIN_SIZE} pixels "
-                f"(the network downsamples by 32). Resize or pad the images."
-            )
-    return input_shape
+def gcvit_graph(
+    images,
+    embed_dim,
+    depths,
+    num_heads,
+    window_size,
+    mlp_ratio=3.0,
+    layer_scale=None,
+    qkv_bias=True,
+    qk_scale=None,
+    drop_rate=0.0,
+    attn_drop_rate=0.0,
+    drop_path_rate=0.1,
+    dtype=None,
+):
+    """Applies the GC ViT network to a Keras tensor of normalised images.
+
+    The layer names mirror the official state dict (`patch_embed`,
+    `levels_{i}`, `levels_{i}_downsample`, `norm`), which is what
+    `tfgcvit.load_torch_weights` maps.
+
+    Args:
+        images: a Keras tensor (batch, height, width, channels).
+        embed_dim, depths, num_heads, window_size, mlp_ratio, layer_scale,
+            qkv_bias, qk_scale: the architecture (see `GCViT`).
+        drop_rate: dropout after the stem, the attention projections and in the MLPs.
+        attn_drop_rate: dropout on the attention probabilities.
+        drop_path_rate: stochastic depth, rising linearly to this at the last block.
+        dtype: dtype policy of every layer (None: the global policy).
+
+    Returns:
+        (stages, features): the four stage outputs before each downsample
+        (strides 4, 8, 16, 32; channels embed_dim * 1, 2, 4, 8) and the final
+        normalised feature map.
+    """
+    x = PatchEmbed(embed_dim, dtype=dtype, name="patch_embed")(images)
+    x = layers.Dropout(drop_rate, dtype=dtype, name="pos_drop")(x)
+    path_drops = np.linspace(0.0, drop_path_rate, sum(depths)).tolist()
+    stages = []
+    for i in range(NUM_STAGES):
+        x = GCViTLevel(
+            depth=depths[i],
+            num_heads=num_heads[i],
+            window_size=window_size[i],
+            keep_dims=QUERY_KEEP_DIMS[i],
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            qk_scale=qk_scale,
+            drop=drop_rate,
+            attn_drop=attn_drop_rate,
+            path_drop=path_drops[sum(depths[:i]) : sum(depths[: i + 1])],
+            layer_scale=layer_scale,
+            dtype=dtype,
+            name=f"levels_{i}",
+        )(x)
+        stages.append(x)
+        if i < NUM_STAGES - 1:
+            x = ReduceSize(keep_dim=False, dtype=dtype, name=f"levels_{i}_downsample")(x)
+    features = layers.LayerNormalization(epsilon=LAYER_NORM_EPSILON, dtype=dtype, name="norm")(x)
+    return stages, features
 
 
-def _check_window_size(window_size):
-    if not isinstance(window_size, (list, tuple)) or not all(
-        isinstance(w, (int, np.integer)) and not isinstance(w, bool) for w in window_size
-    ):
-        raise ValueError(
-            f"`window_size` must be {NUM_STAGES} positive integers, one per stage, "
-            f"e.g. (7, 7, 14, 7); got {window_size!r}."
-        )
-    window_size = tuple(int(w) for w in window_size)
-    if len(window_size) != NUM_STAGES or min(window_size) < 1:
-        raise ValueError(
-            f"`window_size` must be {NUM_STAGES} positive integers, one per stage; got {window_size}."
-        )
-    return window_size
+def imagenet_normalization(name="preprocessing", dtype=None):
+    """A layer mapping RGB pixels in [0, 255] to the ImageNet-normalised input of the model."""
+    return layers.Normalization(
+        mean=[255.0 * m for m in IMAGENET_MEAN],
+        variance=[(255.0 * s) ** 2 for s in IMAGENET_STD],
+        dtype=dtype,
+        name=name,
+    )
 
 
 def GCViT(
@@ -122,13 +125,13 @@ def GCViT(
     classes=1000,
     classifier_activation="softmax",
     default_size=224,
+    include_preprocessing=False,
 ):
     """Instantiates a Global Context Vision Transformer.
 
     Reference: Hatamizadeh et al., "Global Context Vision Transformers",
     ICML 2023 (arXiv 2206.09959). The computation is that of the official
-    PyTorch code (NVlabs/GCVit); inputs are channels-last RGB images normalised
-    with `tfgcvit.preprocess_input`.
+    PyTorch code (NVlabs/GCVit).
 
     Args:
         window_size: window size of each of the four stages, e.g. (7, 7, 14, 7).
@@ -155,16 +158,15 @@ def GCViT(
         classes: number of classes of the head.
         classifier_activation: activation of the head (a name, callable or None).
         default_size: native input size of the configuration.
+        include_preprocessing: False (default, as the original port): the model
+            expects images already normalised with `tfgcvit.preprocess_input`.
+            True: the model takes RGB pixels in [0, 255] (any numeric dtype) and
+            normalises them itself (the Keras Applications convention).
 
     Returns:
         A `keras.Model`.
     """
-    window_size = _check_window_size(window_size)
-    depths, num_heads = tuple(depths), tuple(num_heads)
-    if len(depths) != NUM_STAGES or len(num_heads) != NUM_STAGES:
-        raise ValueError(
-            f"`depths` and `num_heads` need {NUM_STAGES} entries each; got {depths} and {num_heads}."
-        )
+    depths, num_heads, window_size = check_architecture(embed_dim, depths, num_heads, window_size)
     if pooling not in (None, "avg", "max"):
         raise ValueError(f"`pooling` must be None, 'avg' or 'max'; got {pooling!r}.")
     if weights is not None and not isinstance(weights, str):
@@ -198,35 +200,28 @@ def GCViT(
                 f"`input_tensor` {tensor_shape}; pass only one of them."
             )
         input_shape = tensor_shape
-    input_shape = _check_input_shape(input_shape, default_size, weights)
+    if input_shape is None:
+        input_shape = (default_size, default_size, 3)
+    input_shape = check_image_shape(input_shape, pretrained=weights is not None)
 
-    if input_tensor is None:
-        image = layers.Input(shape=input_shape, name="image")
-    else:
-        image = input_tensor
-
-    # Stem and stages.
-    x = PatchEmbed(embed_dim, name="patch_embed")(image)
-    x = layers.Dropout(drop_rate, name="pos_drop")(x)
-    path_drops = np.linspace(0.0, path_drop, sum(depths)).tolist()
-    for i in range(NUM_STAGES):
-        x = GCViTLevel(
-            depth=depths[i],
-            num_heads=num_heads[i],
-            window_size=window_size[i],
-            keep_dims=QUERY_KEEP_DIMS[i],
-            mlp_ratio=mlp_ratio,
-            qkv_bias=qkv_bias,
-            qk_scale=qk_scale,
-            drop=drop_rate,
-            attn_drop=attn_drop,
-            path_drop=path_drops[sum(depths[:i]) : sum(depths[: i + 1])],
-            layer_scale=layer_scale,
-            name=f"levels_{i}",
-        )(x)
-        if i < NUM_STAGES - 1:
-            x = ReduceSize(keep_dim=False, name=f"levels_{i}_downsample")(x)
-    x = layers.LayerNormalization(epsilon=1e-5, name="norm")(x)
+    image = layers.Input(shape=input_shape, name="image") if input_tensor is None else input_tensor
+    x = image
+    if include_preprocessing:
+        x = imagenet_normalization(dtype="float32")(x)
+    _, x = gcvit_graph(
+        x,
+        embed_dim=embed_dim,
+        depths=depths,
+        num_heads=num_heads,
+        window_size=window_size,
+        mlp_ratio=mlp_ratio,
+        layer_scale=layer_scale,
+        qkv_bias=qkv_bias,
+        qk_scale=qk_scale,
+        drop_rate=drop_rate,
+        attn_drop_rate=attn_drop,
+        drop_path_rate=path_drop,
+    )
 
     # Head. It runs in float32 under mixed precision for a stable softmax.
     if include_top:
@@ -242,31 +237,9 @@ def GCViT(
     model = keras.Model(inputs, x, name=model_name)
 
     if weights is not None:
-        from tfgcvit.weights import load_weights
-
         variant = find_variant(embed_dim, depths, num_heads, window_size, mlp_ratio, layer_scale)
         load_weights(model, weights, variant=variant)
     return model
-
-
-def find_variant(embed_dim, depths, num_heads, window_size, mlp_ratio, layer_scale):
-    """The official variant with these hyper-parameters, or None.
-
-    An exact match wins; otherwise a variant that differs only in its window sizes
-    (e.g. GC ViT-T at 384 with windows 12/12/24/12), whose weights load with the
-    relative-position bias tables resized.
-    """
-    wanted = (embed_dim, tuple(depths), tuple(num_heads), float(mlp_ratio), layer_scale)
-    same_but_windows = [
-        name
-        for name, config in VARIANTS.items()
-        if (config["embed_dim"], config["depths"], config["num_heads"],
-            config["mlp_ratio"], config["layer_scale"]) == wanted
-    ]
-    for name in same_but_windows:
-        if VARIANTS[name]["window_size"] == tuple(window_size):
-            return name
-    return same_but_windows[0] if same_but_windows else None
 
 
 def feature_extractor(model):
@@ -343,8 +316,8 @@ def _variant(variant, doc_name):
         classes: number of classes (1000 with pretrained weights and a head).
         classifier_activation: activation of the head.
         name: model name.
-        **kwargs: other `GCViT` arguments (drop_rate, attn_drop, path_drop,
-            window_size, qk_scale).
+        **kwargs: other `GCViT` arguments (include_preprocessing, drop_rate,
+            attn_drop, path_drop, window_size, qk_scale).
 
     Returns:
         A `keras.Model`.
@@ -378,18 +351,6 @@ CONSTRUCTORS = {
     "large_384": GCViTLarge384,
     "large_512": GCViTLarge512,
 }
-
-
-def variant_name(variant):
-    """The official variant name for a name or alias ("Tiny", "large-384", "nano")."""
-    key = str(variant).lower().replace("-", "_")
-    key = ALIASES.get(key, key)
-    if key not in VARIANTS:
-        raise ValueError(
-            f"Unknown GC ViT variant {variant!r}; choose one of {', '.join(VARIANTS)} "
-            f"(aliases: {', '.join(ALIASES)})."
-        )
-    return key
 
 
 def get_constructor(variant):

@@ -23,12 +23,12 @@ import numpy as np
 
 from tfgcvit import download
 from tfgcvit.checkpoint import read_checkpoint
-from tfgcvit.model import VARIANTS, variant_name
+from tfgcvit.download import fetch
+from tfgcvit.config import VARIANTS, WEIGHTS_LICENSE_ID, variant_name
 from tfgcvit.weights import IGNORED_SUFFIXES, load_torch_weights, to_official_layout
 
 REGISTRY_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "official_weights.json")
 PRETRAIN_NAMES = ("imagenet", "imagenet21k")
-WEIGHTS_LICENSE_ID = "CC-BY-NC-SA-4.0"
 # Stored next to the tensors in a converted file; "__" keeps them apart from tensor names.
 _SOURCE_KEY = "__tfgcvit_source_sha256__"
 _FORMAT_KEY = "__tfgcvit_format__"
@@ -214,3 +214,29 @@ def pretrained_info():
          "cached": os.path.isfile(converted_path(record))}
         for record in official_checkpoints()
     ]
+
+
+def load_weights(model, weights, variant=None, entry="state_dict"):
+    """Loads `weights` into `model`: a pretrained name, a local file or a URL.
+
+    Args:
+        model: a GC ViT model.
+        weights: "imagenet", "imagenet21k", a path (`.weights.h5`, `.pth`,
+            `.pth.tar`, `.safetensors`) or an http(s) URL to such a file.
+        variant: the official variant name, needed for pretrained names.
+        entry: which state dict of a training checkpoint to read
+            ("state_dict" or "state_dict_ema").
+    """
+    if weights in PRETRAIN_NAMES:
+        return load_pretrained(model, variant, weights)
+    if weights.startswith(("http://", "https://")):
+        weights = fetch(weights)
+    if not os.path.exists(weights):
+        raise FileNotFoundError(
+            f"Weights file {weights!r} does not exist. Pass None, 'imagenet', "
+            f"'imagenet21k', an existing checkpoint path or an http(s) URL."
+        )
+    if weights.endswith(".h5"):
+        model.load_weights(weights)
+        return model
+    return load_torch_weights(model, read_checkpoint(weights, entry=entry))

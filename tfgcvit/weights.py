@@ -6,12 +6,12 @@ names are first renamed to official ones (`TIMM_RENAMES`), so both layouts go
 through the same table.
 """
 
-import os
 import re
 
+import keras
 import numpy as np
 
-from tfgcvit.model import NUM_STAGES
+from tfgcvit.config import NUM_STAGES
 from tfgcvit.resize import resize_bias_table, table_window_size
 
 # How a PyTorch array becomes a Keras one.
@@ -102,9 +102,27 @@ def _find_layer(model, name):
     return None
 
 
+def _trunk_and_head(model):
+    """(the model holding the GC ViT layers, the classification head Dense or None).
+
+    A Keras Applications model holds both itself (head: `head`); a keras-hub
+    `GCViTImageClassifier` holds its `backbone` and its `output_dense`.
+    """
+    backbone = getattr(model, "backbone", None)
+    if isinstance(backbone, keras.Model) and _find_layer(backbone, "patch_embed") is not None:
+        return backbone, getattr(model, "output_dense", None)
+    return model, _find_layer(model, "head")
+
+
 def keras_weight_table(model):
-    """Rows (official PyTorch name, Keras variable, layout) for every weight of `model`."""
-    patch_embed = _find_layer(model, "patch_embed")
+    """Rows (official PyTorch name, Keras variable, layout) for every weight of `model`.
+
+    Args:
+        model: a model from `tfgcvit.GCViT` or a variant constructor (with or
+            without head), a `tfgcvit.GCViTBackbone` or a `tfgcvit.GCViTImageClassifier`.
+    """
+    trunk, head = _trunk_and_head(model)
+    patch_embed = _find_layer(trunk, "patch_embed")
     if patch_embed is None:
         raise ValueError(f"Model {model.name!r} is not a GC ViT model built by tfgcvit.")
     rows = [
@@ -112,16 +130,15 @@ def keras_weight_table(model):
         *_reduce_size("patch_embed.conv_down", patch_embed.conv_down),
     ]
     for i in range(NUM_STAGES):
-        level = _find_layer(model, f"levels_{i}")
+        level = _find_layer(trunk, f"levels_{i}")
         for j, extract in enumerate(level.q_global_gen.to_q_global):
             rows += _mbconv(f"levels.{i}.q_global_gen.to_q_global.{j}.conv", extract.conv)
         for k, block in enumerate(level.blocks):
             rows += _block(f"levels.{i}.blocks.{k}", block)
-        downsample = _find_layer(model, f"levels_{i}_downsample")
+        downsample = _find_layer(trunk, f"levels_{i}_downsample")
         if downsample is not None:
             rows += _reduce_size(f"levels.{i}.downsample", downsample)
-    rows += _norm("norm", _find_layer(model, "norm"))
-    head = _find_layer(model, "head")
+    rows += _norm("norm", _find_layer(trunk, "norm"))
     if head is not None:
         rows += _dense("head", head)
     return rows
@@ -244,35 +261,3 @@ def load_torch_weights(model, state_dict, skip_head=None, resize_bias_tables=Tru
     for variable, value in arrays:
         variable.assign(value.astype(variable.dtype))
     return model
-
-
-def load_weights(model, weights, variant=None, entry="state_dict"):
-    """Loads `weights` into `model`: a pretrained name, a local file or a URL.
-
-    Args:
-        model: a GC ViT model.
-        weights: "imagenet", "imagenet21k", a path (`.weights.h5`, `.pth`,
-            `.pth.tar`, `.safetensors`) or an http(s) URL to such a file.
-        variant: the official variant name, needed for pretrained names.
-        entry: which state dict of a training checkpoint to read
-            ("state_dict" or "state_dict_ema").
-    """
-    if weights in ("imagenet", "imagenet21k"):
-        from tfgcvit.pretrained import load_pretrained
-
-        return load_pretrained(model, variant, weights)
-    if weights.startswith(("http://", "https://")):
-        from tfgcvit.download import fetch
-
-        weights = fetch(weights)
-    if not os.path.exists(weights):
-        raise FileNotFoundError(
-            f"Weights file {weights!r} does not exist. Pass None, 'imagenet', "
-            f"'imagenet21k', an existing checkpoint path or an http(s) URL."
-        )
-    if weights.endswith(".h5"):
-        model.load_weights(weights)
-        return model
-    from tfgcvit.checkpoint import read_checkpoint
-
-    return load_torch_weights(model, read_checkpoint(weights, entry=entry))
