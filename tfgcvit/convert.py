@@ -11,7 +11,7 @@ import sys
 
 from tfgcvit.checkpoint import CheckpointError, read_checkpoint
 from tfgcvit.download import DownloadError, fetch
-from tfgcvit.config import ARCHITECTURE_KEYS, NUM_STAGES, VARIANTS, find_variant
+from tfgcvit.config import ARCHITECTURE_KEYS, NUM_STAGES, VARIANTS, find_variant, variant_name
 from tfgcvit.model import get_constructor
 from tfgcvit.weights import WeightsMismatchError, load_torch_weights, to_official_layout
 
@@ -124,8 +124,7 @@ def convert(src, dst, variant=None, entry="state_dict"):
             f"e.g. {os.path.splitext(dst)[0]}.weights.h5."
         )
     src = os.fspath(src)
-    path = fetch(src) if src.startswith(("http://", "https://")) else src
-    state_dict = to_official_layout(read_checkpoint(path, entry=entry))
+    state_dict = _read_source(src, entry)
     if variant is None:
         variant, config = detect_variant(state_dict)
     else:
@@ -151,10 +150,85 @@ def convert(src, dst, variant=None, entry="state_dict"):
     return dict(src=src, dst=dst, variant=variant, classes=classes, entry=entry)
 
 
+def _read_source(src, entry):
+    src = os.fspath(src)
+    path = fetch(src) if src.startswith(("http://", "https://")) else src
+    return to_official_layout(read_checkpoint(path, entry=entry))
+
+
+def convert_to_preset(src, directory, task="classifier", variant=None, entry="state_dict", image_size=None):
+    """Converts a PyTorch GC ViT checkpoint to a keras-hub preset directory.
+
+    The directory (config.json, model.weights.h5, metadata.json; for a
+    classifier also task.json, task.weights.h5, preprocessor.json and
+    image_converter.json) loads with `keras_hub.models.ImageClassifier.from_preset(directory)`
+    or `keras_hub.models.Backbone.from_preset(directory)` once tfgcvit is
+    imported, and `keras_hub.upload_preset` accepts it. Any GC ViT
+    architecture works, official or not (read from the tensor shapes).
+
+    Args:
+        src: path or http(s) URL of an official or timm checkpoint.
+        directory: the preset directory to write (replaced atomically if it exists).
+        task: "classifier" (backbone, head and preprocessor) or "backbone".
+        variant: the official variant, to check the checkpoint against; detected when None.
+        entry: "state_dict" or "state_dict_ema".
+        image_size: the preprocessor's input size; default the variant's (224 otherwise).
+
+    Returns:
+        A dict describing the result: src, preset, task, variant (None for a
+        custom architecture), classes, entry.
+    """
+    from tfgcvit import hub
+
+    if task not in ("classifier", "backbone"):
+        raise ValueError(f"`task` must be 'classifier' or 'backbone'; got {task!r}.")
+    state_dict = _read_source(src, entry)
+    config = detect_config(state_dict)
+    detected = find_variant(**{key: config[key] for key in ARCHITECTURE_KEYS}, exact=True)
+    if variant is not None and variant_name(variant) != detected:
+        raise UnknownVariantError(
+            f"The checkpoint is not GC ViT {variant}: its shapes are those of "
+            f"{detected or 'a custom architecture'}. Leave out --variant to convert it as it is."
+        )
+    arguments = {key: config[key] for key in ARCHITECTURE_KEYS}
+    # Checkpoints only say whether residual scales exist; their values come with the weights.
+    arguments["layer_scale"] = 1e-5 if config["layer_scale"] else None
+    if task == "backbone":
+        model = hub.GCViTBackbone(**arguments)
+        load_torch_weights(model, state_dict, skip_head=True)
+    else:
+        if config["classes"] is None:
+            raise ValueError(
+                "The checkpoint has no classification head (no head.weight); "
+                "write a backbone preset with --task backbone."
+            )
+        record = _registry_record(detected)
+        size = image_size or (record["input_size"] if record else 224)
+        crop_mode = record["crop_mode"] if record else "center"
+        model = hub.build_classifier(arguments, config["classes"], size, crop_mode, state_dict)
+    del state_dict
+    hub.save_preset(model, directory)
+    return dict(src=os.fspath(src), preset=os.fspath(directory), task=task, variant=detected,
+                classes=config["classes"], entry=entry)
+
+
+def _registry_record(variant):
+    from tfgcvit.pretrained import official_checkpoints
+
+    records = [record for record in official_checkpoints() if record["variant"] == variant]
+    return records[0] if records else None
+
+
 def add_arguments(parser):
     """Adds the `convert` arguments to an argparse (sub)parser."""
     parser.add_argument("src", help="checkpoint path or http(s) URL (.pth, .pth.tar, .safetensors; official or timm layout)")
-    parser.add_argument("dst", help="output Keras weights file, ending in .weights.h5")
+    parser.add_argument("dst", nargs="?", help="output Keras weights file, ending in .weights.h5 (or use --preset)")
+    parser.add_argument("--preset", metavar="DIR",
+                        help="write a keras-hub preset directory instead (any GC ViT architecture)")
+    parser.add_argument("--task", choices=("classifier", "backbone"), default="classifier",
+                        help="with --preset: an ImageClassifier preset (default) or a backbone-only one")
+    parser.add_argument("--size", type=int, default=None,
+                        help="with --preset: the preprocessor's input size (default: the variant's, else 224)")
     parser.add_argument(
         "--variant",
         default=None,
@@ -170,10 +244,22 @@ def main(args):
     """Runs `tfgcvit convert` with parsed arguments; returns the exit code (0 success, 1 error)."""
     entry = "state_dict_ema" if args.ema else "state_dict"
     try:
-        result = convert(args.src, args.dst, variant=args.variant, entry=entry)
+        if (args.dst is None) == (args.preset is None):
+            raise ValueError("give either DST (a .weights.h5 file) or --preset DIR, not both or neither")
+        if args.preset is not None:
+            result = convert_to_preset(args.src, args.preset, task=args.task, variant=args.variant,
+                                       entry=entry, image_size=args.size)
+        else:
+            result = convert(args.src, args.dst, variant=args.variant, entry=entry)
     except (CheckpointError, DownloadError, WeightsMismatchError, ValueError, OSError) as error:
-        print(f"tfgcvit convert: error: {error}", file=sys.stderr)
+        print(f"tfgcvit convert: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
     classes = "no head" if result["classes"] is None else f"{result['classes']} classes"
-    print(f"Converted {result['src']} ({result['entry']}, GC ViT {result['variant']}, {classes}) -> {result['dst']}")
+    if args.preset is not None:
+        kind = f"GC ViT {result['variant']}" if result["variant"] else "custom GC ViT"
+        print(f"Converted {result['src']} ({result['entry']}, {kind}, {classes}) -> keras-hub "
+              f"{result['task']} preset {result['preset']}")
+    else:
+        print(f"Converted {result['src']} ({result['entry']}, GC ViT {result['variant']}, {classes}) "
+              f"-> {result['dst']}")
     return 0
