@@ -12,7 +12,9 @@ substitutions so that it runs offline and quickly:
   port's examples, become a real compile and one epoch of fit on four random
   images with labels that fit the model's output;
 - `tensorflow_datasets` is a stand-in whose `load()` returns four sample photos
-  as ImageNet-v2 would: a dataset of {"image": uint8 (H, W, 3), "label": int64}.
+  as ImageNet-v2 would: a dataset of {"image": uint8 (H, W, 3), "label": int64};
+- every named keras-hub preset (`gcvit_tiny_imagenet`, ...) is the fixture
+  checkpoint converted by `tfgcvit convert --preset`.
 """
 
 import re
@@ -99,10 +101,27 @@ def test_readme_has_the_examples():
     assert any("tfds.load('imagenet_v2'" in block for block in PYTHON_BLOCKS)
 
 
+@pytest.fixture(scope="module")
+def fixture_preset(tmp_path_factory):
+    pytest.importorskip("keras_hub")
+    from conftest import FIXTURES
+    from tfgcvit.convert import convert_to_preset
+
+    directory = tmp_path_factory.mktemp("readme") / "fixture_preset"
+    convert_to_preset(FIXTURES / "custom_224.pth.tar", directory)
+    return str(directory)
+
+
 @pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=[_block_id(block) for block in PYTHON_BLOCKS])
-def test_python_example_runs(block, fixture_constructor, monkeypatch):
+def test_python_example_runs(block, fixture_constructor, monkeypatch, request):
     import tfgcvit
     from tfgcvit.model import CONSTRUCTORS
+
+    if "keras_hub" in block:
+        from tfgcvit import hub
+
+        preset = request.getfixturevalue("fixture_preset")
+        monkeypatch.setattr(hub, "official_preset_directory", lambda name: preset)
 
     for name in [constructor.__name__ for constructor in CONSTRUCTORS.values()] + ["GCViTNano", "GCViTMicro"]:
         monkeypatch.setattr(tfgcvit, name, fixture_constructor)

@@ -134,6 +134,16 @@ class GCViTBackbone(keras_hub.models.FeaturePyramidBackbone):
         self.image_shape = image_shape
         self.pyramid_outputs = {f"P{i + 2}": stage for i, stage in enumerate(stages)}
 
+    @property
+    def pyramid_outputs(self):
+        # A plain dict: Keras keeps attributes as TrackedDicts, which a JAX
+        # `predict` cannot return (`keras.Model(backbone.input, backbone.pyramid_outputs)`).
+        return dict(getattr(self, "_pyramid_outputs", {}))
+
+    @pyramid_outputs.setter
+    def pyramid_outputs(self, value):
+        keras_hub.models.FeaturePyramidBackbone.pyramid_outputs.fset(self, value)
+
     def get_config(self):
         config = super().get_config()
         config.update(
