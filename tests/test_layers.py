@@ -1,0 +1,46 @@
+"""Every GC ViT layer through the shared harness (tests/layer_harness.py), on every backend."""
+
+import numpy as np
+import pytest
+
+from layer_harness import check_layer
+
+from tfgcvit import layers
+
+pytestmark = pytest.mark.backends
+
+GLOBAL_QUERY = np.random.default_rng(5).normal(size=(2, 2, 1, 49, 4)).astype("float32")  # (heads, B, 1, N, d)
+
+# (factory, input shape, constant call arguments); arguments differ from the defaults,
+# so that one missing from `get_config` changes the restored layer's output.
+CASES = {
+    "DropPath": (lambda **kw: layers.DropPath(0.1, seed=3, **kw), (2, 8, 8, 4), None),
+    "LayerNorm": (lambda **kw: layers.LayerNorm(epsilon=1e-3, **kw), (2, 4, 5, 8), None),
+    "SqueezeExcite": (lambda **kw: layers.SqueezeExcite(0.5, **kw), (2, 8, 8, 8), None),
+    "MBConv": (lambda **kw: layers.MBConv(**kw), (2, 8, 8, 8), None),
+    "ReduceSize": (lambda **kw: layers.ReduceSize(keep_dim=True, **kw), (2, 9, 11, 8), None),
+    "PatchEmbed": (lambda **kw: layers.PatchEmbed(8, **kw), (2, 33, 40, 3), None),
+    "FeatExtract": (lambda **kw: layers.FeatExtract(keep_dim=False, **kw), (2, 9, 11, 8), None),
+    "GlobalQueryGen": (lambda **kw: layers.GlobalQueryGen(7, (False, True), **kw), (2, 20, 24, 8), None),
+    "WindowAttention-local": (
+        lambda **kw: layers.WindowAttention(7, 2, qkv_bias=False, qk_scale=0.5, **kw), (2, 3, 49, 8), None),
+    "WindowAttention-global": (
+        lambda **kw: layers.WindowAttention(7, 2, use_global_query=True, qk_scale=0.5, **kw), (2, 3, 49, 8),
+        {"global_query": GLOBAL_QUERY}),
+    "MLP": (lambda **kw: layers.MLP(12, drop=0.1, **kw), (2, 5, 6, 8), None),
+    "GCViTBlock-local": (
+        lambda **kw: layers.GCViTBlock(7, 2, mlp_ratio=2.0, qkv_bias=False, **kw), (2, 7, 14, 8), None),
+    "GCViTBlock-global-padded": (
+        lambda **kw: layers.GCViTBlock(7, 2, use_global_query=True, mlp_ratio=2.0, layer_scale=1e-5,
+                                       path_drop=0.1, qk_scale=0.3, **kw),
+        (2, 9, 10, 8), {"global_query": GLOBAL_QUERY}),
+    "GCViTLevel": (
+        lambda **kw: layers.GCViTLevel(2, 2, 7, (True,), mlp_ratio=2.0, layer_scale=1e-5,
+                                       path_drop=[0.0, 0.1], **kw), (2, 14, 14, 8), None),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_layer(case, tmp_path):
+    factory, shape, constants = CASES[case]
+    check_layer(factory, shape, constants, tmp_path)
