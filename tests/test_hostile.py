@@ -167,6 +167,33 @@ def test_symlink_loop_and_unreadable_file_are_one_line(tmp_path):
     assert "is a directory" in _error_of(load_image, tmp_path)
 
 
+def test_tensorflow_decoding_refuses_fifos_and_bomb_headers(inputs):
+    # The seed protocol decodes with TensorFlow, which has no pixel limit of its own.
+    import warnings
+
+    from tfgcvit.images import decode_like_tensorflow
+
+    assert "not a regular file" in _error_of(decode_like_tensorflow, inputs["fifo"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # as the command line sets it
+        assert "exceeds limit of 89478485 pixels" in _error_of(decode_like_tensorflow, inputs["bomb"])
+
+
+def test_seed_protocol_refuses_extreme_aspect_ratios():
+    from tfgcvit.images import seed_port_transform
+
+    with pytest.raises(ValueError, match=r"1x60000 pixels: an aspect ratio beyond 16:1"):
+        seed_port_transform(np.zeros((60_000, 1, 3), np.uint8))
+    assert seed_port_transform(np.zeros((16, 256, 3), np.uint8)).shape == (224, 224, 3)
+
+
+def test_very_small_crop_pct_costs_no_memory():
+    # --crop-pct 0.001 asks for a 224000-pixel resize; only the 224 x 224 centre is computed.
+    image = Image.fromarray(RNG.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    for crop_mode in ("center", "squash"):
+        assert evaluation_transform(image, 224, 0.001, crop_mode).shape == (224, 224, 3)
+
+
 # ---------------------------------------------------------------------------
 # Memory: the resize computes only the centre that the crop keeps.
 

@@ -21,7 +21,9 @@ import threading
 import time
 import warnings
 
-import numpy as np
+# numpy is imported by the functions that use it: importing this module stays
+# quick (0.05 s rather than 0.2 s), so that `main` installs its SIGINT handler
+# soon after start-up.
 
 PROG = "tfgcvit"
 DEFAULT_MODEL = "tiny"
@@ -32,9 +34,9 @@ CUSTOM_MODEL = "custom"
 CUSTOM_CONFIG_KEYS = ("dim", "depths", "num_heads", "window_size", "mlp_ratio", "layer_scale", "num_classes")
 TFDS_PREFIX = "tfds:"
 # The largest --size (or custom config "res"): 4x the 512 pixels of the largest
-# official model. Activations grow with size ** 2 (about 1 GB per image for
-# GC ViT-Tiny at 2048), and accuracy falls far from the trained size; a size
-# beyond this is a typo rather than a plan (100000 would need terabytes).
+# official model. Activations grow with size ** 2 (at 2048, 16x those of the
+# 512 model, 84x those at 224), and accuracy falls far from the trained size; a
+# size beyond this is a typo rather than a plan (100000 grew to 8.7 GB and on).
 MAX_INPUT_SIZE = 2048
 # 128 + SIGINT, what shells report for a command killed by Ctrl-C.
 INTERRUPTED_EXIT_CODE = 130
@@ -267,6 +269,8 @@ def _build_model(resolved):
 
 def _predict_probabilities(model, images):
     """Runs the model on a batch of uint8 RGB images; returns float probabilities."""
+    import numpy as np
+
     from tfgcvit.preprocessing import preprocess_input
 
     batch = preprocess_input(np.stack(images))
@@ -275,6 +279,8 @@ def _predict_probabilities(model, images):
 
 def _top_indices(probabilities, k):
     """Indices of the k largest values of each row, best first (ties: lower index)."""
+    import numpy as np
+
     return np.argsort(-probabilities, axis=-1, kind="stable")[..., :k]
 
 
@@ -416,7 +422,8 @@ def list_image_folder(root):
     items = []
     for name in sorted(folders, key=int):
         folder = os.path.join(root, name)
-        files = sorted(entry.name for entry in os.scandir(folder) if not entry.is_dir() and not entry.name.startswith("."))
+        files = sorted(entry.name for entry in os.scandir(folder)
+                       if not entry.is_dir() and not entry.name.startswith("."))
         items.extend((os.path.join(folder, file), int(name)) for file in files)
     if not items:
         raise CommandError(f"{root}: the class folders hold no files")
@@ -491,6 +498,8 @@ class _Progress:
 
 
 def _evaluate(args):
+    import numpy as np
+
     from tfgcvit.images import (
         ImageLoadError,
         decode_like_tensorflow,
@@ -514,7 +523,8 @@ def _evaluate(args):
         # the seed port's data was decoded by TensorFlow.
         load = decode_like_tensorflow if args.protocol == "seed" else lambda path: load_image(path, apply_exif=False)
 
-    # Before any work: labels the head cannot predict would count as errors, not as a failure.
+    # Before the model is built or any image read: accuracy against labels the
+    # head cannot predict would be meaningless.
     if data_classes > resolved["classes"]:
         raise CommandError(
             f"{args.data} has class index {data_classes - 1}, beyond the model's {resolved['classes']} classes "
@@ -765,9 +775,9 @@ def _exit_on_interrupt(stderr_fd):
     """A SIGINT handler: removes half-written files, says so in one line, exits with 130 at once.
 
     Python's default, raising KeyboardInterrupt wherever the main thread is,
-    is not deterministic: destructors, callbacks and `except` clauses in
-    libraries can swallow it (a Ctrl-C during `convert` once exited 0 and
-    finished the file). Exiting from the handler cannot be swallowed.
+    is not deterministic: raised inside a destructor, a callback or a
+    library's broad `except`, it is lost (the likely reason why a Ctrl-C during
+    `convert` once exited 0). Exiting from the handler cannot be lost.
 
     Args:
         stderr_fd: a duplicate of the original stderr, which stays valid

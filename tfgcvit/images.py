@@ -17,12 +17,15 @@
   clipped, as Pillow's own conversion does.
 - 1-bit, grayscale, palette, CMYK, YCbCr, HSV and LAB images use Pillow's conversion.
 - Multi-frame files (GIF, TIFF) give their first frame.
+- Only regular files are read: a FIFO or /dev/stdin would block forever.
 
 `evaluation_transform` is the test-time transform of timm, which the official
 GC ViT code uses: bicubic resize of the shorter side to int(size / crop_pct),
 then a centre crop of size x size ("center"), or a bicubic resize of both sides
 to int(size / crop_pct) and the same centre crop ("squash", crop_pct 1.0 for
-the 384 and 512 models). Resizing is done by Pillow, as in timm.
+the 384 and 512 models). Resizing is done by Pillow, as in timm, but only for
+the centre that the crop keeps (`resize_region`, same pixels): memory does not
+grow with the aspect ratio (a 1 x 60000 image would otherwise take 12 GB).
 
 `seed_port_transform` reproduces the ImageNet-v2 evaluation of the original
 tfgcvit port (version 2.0.4) so that its published numbers can be compared like
@@ -53,7 +56,7 @@ class ImageLoadError(ValueError):
     """A file could not be read as an image; the message says why in one line."""
 
 
-def open_image_file(path):
+def _open_regular_file(path):
     """Opens `path` for binary reading, refusing anything but a regular file.
 
     Opening a FIFO for reading would wait for a writer forever (and a
@@ -105,7 +108,7 @@ def load_image(path, apply_exif=True):
             image, is larger than Pillow's decompression-bomb limit, or cannot
             be decoded (corrupt data, or not enough memory).
     """
-    with open_image_file(path) as file:
+    with _open_regular_file(path) as file:
         try:
             with Image.open(file) as image:
                 # Decode now, inside the `with`, so truncated files fail here.
@@ -288,9 +291,10 @@ def _axis_plan(source, resized, start, stop):
 def _pillow_shrinks_height_first():
     """Whether this Pillow runs the vertical pass first when the height shrinks most.
 
-    Pillow resizes in two passes, each rounding to 8 bits; since Pillow 12 the
-    vertical pass comes first when the height shrinks more than twice as much
-    as the width. A 16 x 64 -> 12 x 16 probe tells which rule applies.
+    Pillow resizes in two passes, each rounding to 8 bits. Older versions
+    always run the horizontal pass first; recent ones (13 among them) run the
+    vertical pass first when the height shrinks more than twice as much as the
+    width. A 16 x 64 -> 12 x 16 probe tells which rule this Pillow follows.
     """
     probe = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 16, 3), dtype=np.uint8))
     full = probe.resize((12, 16), Image.Resampling.BICUBIC)
@@ -385,7 +389,7 @@ def decode_like_tensorflow(path):
     """
     import tensorflow as tf
 
-    with open_image_file(path) as file:
+    with _open_regular_file(path) as file:
         data = file.read()
     try:
         # The header alone: TensorFlow's decoder has no pixel limit of its own.
