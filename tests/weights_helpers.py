@@ -6,7 +6,7 @@
 - `save_training_checkpoint`: an official-format training checkpoint (state_dict,
   optimizer state, args as argparse.Namespace, ...) written by torch.save.
 - `FileServer`: an HTTP server on 127.0.0.1 whose answers can be normal,
-  truncated, corrupted, an HTTP 500, a closed connection, or slow.
+  truncated, corrupted, an HTTP 500, a closed connection, slow, or stalled.
 """
 
 import argparse
@@ -151,14 +151,16 @@ class FileServer:
 
     `modes[path]` is one of "ok", "truncate" (announce the full length, send half,
     close), "corrupt" (flip one byte), "error500", "close" (close without an
-    answer), "slow" (send in small pieces with pauses). `requests` records every
-    GET path.
+    answer), "slow" (send in small pieces with pauses), "stall" (send half, then
+    nothing until the server stops: a download that is in progress for as long
+    as a test needs). `requests` records every GET path.
     """
 
     def __init__(self, files=None, modes=None):
         self.files = dict(files or {})
         self.modes = dict(modes or {})
         self.requests = []
+        self.stopped = threading.Event()
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -191,6 +193,10 @@ class FileServer:
                 elif mode == "corrupt":
                     middle = len(data) // 2
                     self.wfile.write(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:])
+                elif mode == "stall":
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    server.stopped.wait(120)
                 elif mode == "slow":
                     step = max(1, len(data) // 20)
                     for start in range(0, len(data), step):
@@ -216,6 +222,7 @@ class FileServer:
         self.stop()
 
     def stop(self):
+        self.stopped.set()
         if self.thread.is_alive():
             self.httpd.shutdown()
         self.httpd.server_close()

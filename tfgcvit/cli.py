@@ -3,8 +3,9 @@
 Exit codes: 0 on success; 1 when something failed at run time (a missing
 model file, weights that cannot be downloaded, an image that cannot be read -
 in which case the other images are still processed and reported); 2 for a
-wrong command line. Errors are one line on stderr, never a traceback; set
-TFGCVIT_DEBUG=1 to see the traceback of an unexpected error.
+wrong command line; 130 when interrupted (Ctrl-C, SIGINT). Errors are one line
+on stderr, never a traceback; set TFGCVIT_DEBUG=1 to see the traceback of an
+unexpected error. docs/input_limits.md lists the limits enforced on inputs.
 """
 
 import argparse
@@ -14,10 +15,15 @@ import importlib
 import itertools
 import json
 import os
+import signal
 import sys
+import threading
 import time
+import warnings
 
-import numpy as np
+# numpy is imported by the functions that use it: importing this module stays
+# quick (0.05 s rather than 0.2 s), so that `main` installs its SIGINT handler
+# soon after start-up.
 
 from tfgcvit.config import ALIASES, DEFAULT_CROP_PCT, VARIANTS, WEIGHTS_LICENSE, parameter_count
 
@@ -26,6 +32,13 @@ DEFAULT_MODEL = "tiny"
 CUSTOM_MODEL = "custom"
 CUSTOM_CONFIG_KEYS = ("dim", "depths", "num_heads", "window_size", "mlp_ratio", "layer_scale", "num_classes")
 TFDS_PREFIX = "tfds:"
+# The largest --size (or custom config "res"): 4x the 512 pixels of the largest
+# official model. Activations grow with size ** 2 (at 2048, 16x those of the
+# 512 model, 84x those at 224), and accuracy falls far from the trained size; a
+# size beyond this is a typo rather than a plan (100000 grew to 8.7 GB and on).
+MAX_INPUT_SIZE = 2048
+# 128 + SIGINT, what shells report for a command killed by Ctrl-C.
+INTERRUPTED_EXIT_CODE = 130
 
 
 class CommandError(Exception):
@@ -79,10 +92,27 @@ def _import_keras():
         import keras
 
         if keras.backend.backend() == "tensorflow":
-            import tensorflow  # noqa: F401  (its banners come on first import)
+            import tensorflow
+
+            # Looking for GPUs here, silenced, rather than at the first
+            # operation: without a GPU, CUDA logs a "failed call to cuInit" line.
+            tensorflow.config.list_physical_devices("GPU")
 
 
 # Building the model ----------------------------------------------------------
+
+
+def _check_input_size(size, what):
+    """Raises CommandError unless `size` is one the model can serve (see MAX_INPUT_SIZE)."""
+    from tfgcvit.model import MIN_SIZE
+
+    if not MIN_SIZE <= size <= MAX_INPUT_SIZE:
+        raise CommandError(
+            f"{what} {size} is outside {MIN_SIZE}..{MAX_INPUT_SIZE}: the network downsamples by {MIN_SIZE}, "
+            f"and beyond {MAX_INPUT_SIZE} (4x the largest official model's 512) memory grows with size^2 "
+            "to many GB per image"
+        )
+    return size
 
 
 def _read_custom_config(path):
@@ -122,7 +152,7 @@ def _resolve_model(args):
         if args.classes:
             raise CommandError("--classes does not apply to --model custom: the config's num_classes does")
         config = _read_custom_config(args.config)
-        size = args.size or int(config.get("res", 224))
+        size = args.size or _check_input_size(int(config.get("res", 224)), f"{args.config}: res")
         classes = int(config["num_classes"])
         weights = args.weights
 
@@ -184,6 +214,8 @@ def _build_model(resolved):
 
 def _predict_probabilities(model, images):
     """Runs the model on a batch of uint8 RGB images; returns float probabilities."""
+    import numpy as np
+
     from tfgcvit.preprocessing import preprocess_input
 
     batch = preprocess_input(np.stack(images))
@@ -192,6 +224,8 @@ def _predict_probabilities(model, images):
 
 def _top_indices(probabilities, k):
     """Indices of the k largest values of each row, best first (ties: lower index)."""
+    import numpy as np
+
     return np.argsort(-probabilities, axis=-1, kind="stable")[..., :k]
 
 
@@ -303,9 +337,11 @@ def _predict(args):
 def list_image_folder(root):
     """Lists (path, class index) for a folder laid out like ImageNet-v2.
 
-    The folder holds one subfolder per class, named by the class index
-    (0, 1, ..., 999), each holding that class's image files. Hidden files and
-    files directly in `root` are ignored.
+    The folder holds one subfolder per class, named by the class index in
+    ASCII digits (0, 1, ..., 999), each holding that class's image files.
+    Hidden entries, subfolders of class folders and files directly in `root`
+    are ignored; anything else in a class folder is listed, so that what is not
+    a readable image is reported rather than silently skipped.
 
     Returns:
         A list of (path, label), sorted by class index then file name.
@@ -320,7 +356,8 @@ def list_image_folder(root):
     folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
     if not folders:
         raise CommandError(f"{root}: no class folders (expected subfolders named 0, 1, ... holding images)")
-    misnamed = [name for name in folders if not name.isdigit()]
+    # str.isdigit() also accepts other scripts' digits ("١") and superscripts.
+    misnamed = [name for name in folders if not (name.isascii() and name.isdigit())]
     if misnamed:
         raise CommandError(
             f"{root}: class folders must be named by class index (0, 1, ...); found "
@@ -330,7 +367,8 @@ def list_image_folder(root):
     items = []
     for name in sorted(folders, key=int):
         folder = os.path.join(root, name)
-        files = sorted(entry.name for entry in os.scandir(folder) if entry.is_file() and not entry.name.startswith("."))
+        files = sorted(entry.name for entry in os.scandir(folder)
+                       if not entry.is_dir() and not entry.name.startswith("."))
         items.extend((os.path.join(folder, file), int(name)) for file in files)
     if not items:
         raise CommandError(f"{root}: the class folders hold no files")
@@ -345,7 +383,7 @@ def _evenly_spaced(items, limit):
 
 
 def _tfds_source(spec, limit):
-    """(iterator of (image array, label), count) for `tfds:NAME[:SPLIT]`."""
+    """(iterator of (image array, label), count, number of classes) for `tfds:NAME[:SPLIT]`."""
     name, _, split = spec[len(TFDS_PREFIX):].partition(":")
     split = split or "test"
     try:
@@ -366,7 +404,7 @@ def _tfds_source(spec, limit):
     if limit is not None:
         dataset, count = dataset.take(limit), min(limit, count)
     records = ((example["image"], int(example["label"])) for example in tfds.as_numpy(dataset))
-    return records, count
+    return records, count, info.features["label"].num_classes
 
 
 class _Progress:
@@ -405,7 +443,10 @@ class _Progress:
 
 
 def _evaluate(args):
+    import numpy as np
+
     from tfgcvit.images import (
+        ImageLoadError,
         decode_like_tensorflow,
         evaluation_transform,
         load_image,
@@ -416,14 +457,24 @@ def _evaluate(args):
     size = resolved["size"]
 
     if args.data.startswith(TFDS_PREFIX):
-        items, total = _tfds_source(args.data, args.limit)
+        items, total, data_classes = _tfds_source(args.data, args.limit)
         load = None
     else:
-        items = _evenly_spaced(list_image_folder(args.data), args.limit)
+        listed = list_image_folder(args.data)
+        data_classes = max(label for _, label in listed) + 1
+        items = _evenly_spaced(listed, args.limit)
         total = len(items)
         # timm's evaluation reads files with Pillow and ignores EXIF orientation;
         # the seed port's data was decoded by TensorFlow.
         load = decode_like_tensorflow if args.protocol == "seed" else lambda path: load_image(path, apply_exif=False)
+
+    # Before the model is built or any image read: accuracy against labels the
+    # head cannot predict would be meaningless.
+    if data_classes > resolved["classes"]:
+        raise CommandError(
+            f"{args.data} has class index {data_classes - 1}, beyond the model's {resolved['classes']} classes "
+            f"(0..{resolved['classes'] - 1})"
+        )
 
     if args.protocol == "seed":
         def transform(image):
@@ -434,7 +485,12 @@ def _evaluate(args):
 
     def prepare(item):
         source, _ = item
-        return transform(source if load is None else load(source))
+        try:
+            return transform(source if load is None else load(source))
+        except ImageLoadError:
+            raise
+        except ValueError as error:  # an image the transform refuses (seed_port_transform's aspect limit)
+            raise ImageLoadError(f"{source if load else 'a TFDS image'}: {error}") from None
 
     model = _build_model(resolved)
     classes_seen = set()
@@ -451,10 +507,6 @@ def _evaluate(args):
                 images.append(image)
                 labels.append(label)
         if images:
-            if max(labels) >= resolved["classes"]:
-                raise CommandError(
-                    f"class index {max(labels)} in {args.data} is beyond the model's {resolved['classes']} classes"
-                )
             best = _top_indices(_predict_probabilities(model, images), top)
             labels = np.asarray(labels)
             correct_top1 += int(np.sum(best[:, 0] == labels))
@@ -561,6 +613,13 @@ def _delegate(module_name):
 # Command line ------------------------------------------------------------------
 
 
+def _input_size(text):
+    try:
+        return _check_input_size(int(text), "size")
+    except CommandError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _positive_int(text):
     value = int(text)
     if value < 1:
@@ -588,8 +647,9 @@ def _add_model_arguments(parser, batch_size):
                              + ", optional res)")
     parser.add_argument("--classes", type=_positive_int,
                         help="classes of the checkpoint's head when it is not 1000 (variants only)")
-    parser.add_argument("--size", type=_positive_int,
-                        help="input size (default: the variant's native size, or the config's res)")
+    parser.add_argument("--size", type=_input_size,
+                        help=f"input size, 32..{MAX_INPUT_SIZE} (default: the variant's native size, or the "
+                             "config's res)")
     parser.add_argument("--crop-pct", type=_crop_pct,
                         help=f"resize to int(size / crop_pct) before the centre crop (default: the "
                              f"official checkpoint's, else {DEFAULT_CROP_PCT})")
@@ -654,22 +714,72 @@ def _unavailable(name):
     raise CommandError(f"`{PROG} {name}` is not available in this installation (tfgcvit.{name} is missing)")
 
 
+def _exit_on_interrupt(stderr_fd):
+    """A SIGINT handler: removes half-written files, says so in one line, exits with 130 at once.
+
+    Python's default, raising KeyboardInterrupt wherever the main thread is,
+    is not deterministic: raised inside a destructor, a callback or a
+    library's broad `except`, it is lost (the likely reason why a Ctrl-C during
+    `convert` once exited 0). Exiting from the handler cannot be lost.
+
+    Args:
+        stderr_fd: a duplicate of the original stderr, which stays valid
+            while `_native_stderr_silenced` points descriptor 2 elsewhere.
+    """
+    from tfgcvit.download import remove_pending_files
+
+    def handler(signum, frame):
+        remove_pending_files()
+        # A terminal shows "^C" where the cursor is: start a fresh line.
+        start = "\n" if os.isatty(stderr_fd) else ""
+        os.write(stderr_fd, f"{start}{PROG}: error: interrupted\n".encode())
+        os._exit(INTERRUPTED_EXIT_CODE)
+
+    return handler
+
+
+@contextlib.contextmanager
+def _command_environment():
+    """What a command runs under: the SIGINT handler, and Pillow's bomb warning as an error.
+
+    Both are undone afterwards, so that `main()` called from Python (the tests)
+    leaves the process as it found it.
+    """
+    with warnings.catch_warnings():
+        from PIL import Image
+
+        # Refused with one line per image (load_image), rather than a two-line
+        # Python warning and then the memory of a 90+ megapixel image.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        if threading.current_thread() is not threading.main_thread():  # only there can handlers be set
+            yield
+            return
+        stderr_fd = os.dup(2)
+        previous = signal.signal(signal.SIGINT, _exit_on_interrupt(stderr_fd))
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            os.close(stderr_fd)
+
+
 def main(argv=None):
     """Runs the command line `argv` (default: sys.argv[1:]); returns the exit code."""
-    try:
-        # Before anything imports Keras, so that TensorFlow's start-up banners stay quiet.
-        _import_keras()
-        args = build_parser().parse_args(argv)
-        return int(args.handler(args) or 0)
-    except CommandError as error:
-        _print_error(error)
-        return 1
-    except KeyboardInterrupt:
-        _print_error("interrupted")
-        return 130
-    except Exception as error:  # noqa: BLE001  the contract is one line, not a traceback
-        if os.environ.get("TFGCVIT_DEBUG"):
-            raise
-        message = str(error) or type(error).__name__
-        _print_error(f"{message} (set TFGCVIT_DEBUG=1 for the traceback)")
-        return 1
+    with _command_environment():
+        try:
+            # Before anything imports Keras, so that TensorFlow's start-up banners stay quiet.
+            _import_keras()
+            args = build_parser().parse_args(argv)
+            return int(args.handler(args) or 0)
+        except CommandError as error:
+            _print_error(error)
+            return 1
+        except KeyboardInterrupt:  # a SIGINT raised as KeyboardInterrupt (main() run in another thread)
+            _print_error("interrupted")
+            return INTERRUPTED_EXIT_CODE
+        except Exception as error:  # noqa: BLE001  the contract is one line, not a traceback
+            if os.environ.get("TFGCVIT_DEBUG"):
+                raise
+            message = str(error) or type(error).__name__
+            _print_error(f"{message} (set TFGCVIT_DEBUG=1 for the traceback)")
+            return 1

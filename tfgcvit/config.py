@@ -8,7 +8,7 @@ from the hyper-parameters by one analytic walk of the architecture
 against the built models by the tests.
 """
 
-import numpy as np
+import numbers
 
 NUM_STAGES = 4
 # The network downsamples by 32; smaller images have no last-stage map.
@@ -106,7 +106,7 @@ def find_variant(embed_dim, depths, num_heads, window_size, mlp_ratio, layer_sca
 def check_window_size(window_size):
     """`window_size` as a tuple of NUM_STAGES positive ints, or a clear ValueError."""
     if not isinstance(window_size, (list, tuple)) or not all(
-        isinstance(w, (int, np.integer)) and not isinstance(w, bool) for w in window_size
+        isinstance(w, numbers.Integral) and not isinstance(w, bool) for w in window_size
     ):
         raise ValueError(
             f"`window_size` must be {NUM_STAGES} positive integers, one per stage, "
@@ -132,7 +132,7 @@ def check_architecture(embed_dim, depths, num_heads, window_size):
         raise ValueError(
             f"`depths` and `num_heads` need {NUM_STAGES} entries each; got {depths} and {num_heads}."
         )
-    if not isinstance(embed_dim, (int, np.integer)) or isinstance(embed_dim, bool) or embed_dim < 1:
+    if not isinstance(embed_dim, numbers.Integral) or isinstance(embed_dim, bool) or embed_dim < 1:
         raise ValueError(f"`embed_dim` must be a positive integer; got {embed_dim!r}.")
     for stage, heads in enumerate(num_heads):
         channels = embed_dim * 2**stage

@@ -10,8 +10,8 @@ import re
 import sys
 
 from tfgcvit.checkpoint import CheckpointError, read_checkpoint
-from tfgcvit.download import DownloadError, fetch
 from tfgcvit.config import ARCHITECTURE_KEYS, NUM_STAGES, VARIANTS, find_variant, variant_name
+from tfgcvit.download import DownloadError, fetch, replaced_atomically
 from tfgcvit.model import get_constructor
 from tfgcvit.weights import WeightsMismatchError, load_torch_weights, to_official_layout
 
@@ -137,16 +137,10 @@ def convert(src, dst, variant=None, entry="state_dict"):
     load_torch_weights(model, state_dict)
     del state_dict
 
-    # Write next to the destination, then move: a failed save leaves no half file.
-    directory = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(directory, exist_ok=True)
-    temporary = os.path.join(directory, f".{os.path.basename(dst)[:-len('.weights.h5')]}-{os.getpid()}.tmp.weights.h5")
-    try:
+    # Written next to the destination, then moved: a failed save leaves no half file.
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    with replaced_atomically(dst, suffix=".tmp.weights.h5") as temporary:
         model.save_weights(temporary)
-        os.replace(temporary, dst)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
     return dict(src=src, dst=dst, variant=variant, classes=classes, entry=entry)
 
 

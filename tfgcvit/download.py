@@ -13,12 +13,13 @@ it to a base URL (`https://mirror.example/gcvit/`) or a local directory that
 holds files with the official names. Hashes still apply.
 """
 
+import contextlib
 import hashlib
 import http.client
 import os
+import secrets
 import socket
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -38,6 +39,8 @@ _HASH_CHUNK_BYTES = 8 * 1024 * 1024
 
 # Files whose unpinned digest was already announced in this process (say it once).
 _ANNOUNCED = set()
+# Temporary files being written by `replaced_atomically`.
+_PENDING = set()
 
 
 class DownloadError(OSError):
@@ -117,16 +120,51 @@ def _read_sidecar(path):
     return digest if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest) else None
 
 
-def _write_atomically(path, text):
-    directory = os.path.dirname(path)
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".txt")
+@contextlib.contextmanager
+def replaced_atomically(destination, suffix=".part"):
+    """A temporary file next to `destination` that becomes it when the block succeeds.
+
+    The file is created with mode 0666 less the umask, like any new file (not
+    0600 as `tempfile.mkstemp` would), so a shared `TFGCVIT_HOME` stays
+    readable by others. `os.replace` moves it into place atomically; if the
+    block fails, or the command line is interrupted (`remove_pending_files`),
+    it is removed: a destination is never half written.
+
+    Args:
+        destination: the final path.
+        suffix: ending of the temporary name (".weights.h5" where Keras wants one).
+
+    Yields:
+        The temporary path, an empty file, to write.
+    """
+    directory, name = os.path.split(os.path.abspath(destination))
+    while True:
+        temporary = os.path.join(directory, f".{name}.{secrets.token_hex(4)}{suffix}")
+        try:
+            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:
+            continue
+    _PENDING.add(temporary)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temporary, path)
+        yield temporary
+        os.replace(temporary, destination)
     except BaseException:
         _remove_quietly(temporary)
         raise
+    finally:
+        _PENDING.discard(temporary)
+
+
+def remove_pending_files():
+    """Removes the temporary files of unfinished `replaced_atomically` blocks (on an interrupt)."""
+    for temporary in list(_PENDING):
+        _remove_quietly(temporary)
+
+
+def _write_atomically(path, text):
+    with replaced_atomically(path, suffix=".txt") as temporary, open(temporary, "w", encoding="utf-8") as file:
+        file.write(text)
 
 
 def _write_sidecar(path, digest):
@@ -229,13 +267,11 @@ def _verified_cached_file(path, sha256):
 
 def _download(url, destination, sha256, progress):
     """Downloads `url` to `destination` atomically; returns the sha256 of what arrived."""
-    directory = os.path.dirname(destination)
     name = os.path.basename(destination)
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".part")
-    try:
+    with replaced_atomically(destination) as temporary:
         digest = hashlib.sha256()
         request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-        with os.fdopen(handle, "wb") as output, \
+        with open(temporary, "wb") as output, \
                 urllib.request.urlopen(request, timeout=_TIMEOUT_SECONDS) as response:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
@@ -262,11 +298,7 @@ def _download(url, destination, sha256, progress):
                 "kept; try again."
             )
         _write_sidecar(destination, actual)  # First, so the file never exists without it.
-        os.replace(temporary, destination)
-        return actual
-    except BaseException:
-        _remove_quietly(temporary)
-        raise
+    return actual
 
 
 def _describe(error):

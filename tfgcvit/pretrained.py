@@ -16,7 +16,6 @@ import functools
 import json
 import os
 import sys
-import tempfile
 import zipfile
 
 import numpy as np
@@ -99,8 +98,8 @@ def checkpoint_entry(variant, pretrain):
     )
 
 
-def _load_converted(path, record):
-    """The cached converted state dict, or None when absent, stale or unreadable."""
+def _load_converted(path, record, report=True):
+    """The cached converted state dict, or None when absent, stale or unreadable (said on stderr if `report`)."""
     if not os.path.isfile(path):
         return None
     try:
@@ -113,24 +112,18 @@ def _load_converted(path, record):
                 return {name: archive[name] for name in archive.files if not name.startswith("__tfgcvit")}
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
         reason = f"unreadable ({error})"
-    sys.stderr.write(f"tfgcvit: converted weights {path} are {reason}; converting again.\n")
+    if report:
+        sys.stderr.write(f"tfgcvit: converted weights {path} are {reason}; converting again.\n")
     return None
 
 
 def _save_converted(path, state, source_sha256):
-    """Writes the converted state dict atomically (temporary file, then os.replace)."""
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".convert-", suffix=".npz.part")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            np.savez(file, **state, **{_SOURCE_KEY: np.array(source_sha256), _FORMAT_KEY: np.array(_FORMAT)})
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        download._remove_quietly(temporary)
-        raise
+    """Writes the converted state dict atomically (`download.replaced_atomically`)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with download.replaced_atomically(path, suffix=".npz.part") as temporary, open(temporary, "wb") as file:
+        np.savez(file, **state, **{_SOURCE_KEY: np.array(source_sha256), _FORMAT_KEY: np.array(_FORMAT)})
+        file.flush()
+        os.fsync(file.fileno())
 
 
 def _convert(record, progress):
@@ -167,7 +160,8 @@ def pretrained_state_dict(variant, pretrain="imagenet", progress=True):
     """
     record = checkpoint_entry(variant, pretrain)
     path = converted_path(record)
-    state = _load_converted(path, record)
+    # A first look without the lock, quietly: the look under the lock decides and reports.
+    state = _load_converted(path, record, report=False)
     if state is not None:
         return state
     os.makedirs(os.path.dirname(path), exist_ok=True)
