@@ -1,7 +1,6 @@
 """Shared test set-up: fixture paths, the slow marker, weights with realistic magnitudes."""
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,22 +13,16 @@ try:
 except ImportError:
     pass
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-FIXTURES = SHARED / "fixtures"
-REFERENCE = SHARED / "reference"
-
-# The fixture model: the official GCViT class with these arguments (custom_224_config.json).
-FIXTURE_CONFIG = dict(
-    window_size=(7, 7, 14, 7),
-    embed_dim=16,
-    depths=(2, 2, 3, 2),
-    num_heads=(1, 2, 4, 8),
-    mlp_ratio=3,
-    layer_scale=1e-5,
-    classes=10,
-    classifier_activation=None,
+from weights_helpers import (  # noqa: F401  (the tests import these from here)
+    FIXTURE_MODEL_CONFIG as FIXTURE_CONFIG,
+    FIXTURES,
+    OFFICIAL_PARAMS,
+    REFERENCE,
+    REPO,
+    tolerance,
 )
+
+SHARED = REPO.parent / "shared"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -63,11 +56,6 @@ def realistic_weights_(module, seed):
             else:
                 fan_in = param[0].numel()
                 param.copy_(torch.randn(param.shape, generator=generator) / fan_in**0.5)
-
-
-def tolerance(reference):
-    """The parity tolerance of the project: 1e-4 * max(1, max |reference|)."""
-    return 1e-4 * max(1.0, float(np.max(np.abs(reference))))
 
 
 @pytest.fixture(scope="session")

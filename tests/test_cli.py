@@ -24,11 +24,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import FIXTURES, OFFICIAL_PARAMS, REPO
 from tfgcvit.cli import main
 from tfgcvit.config import parameter_count
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 CHECKPOINT = FIXTURES / "custom_224.pth.tar"
 CONFIG = FIXTURES / "custom_224_config.json"
 SAMPLES = sorted((REPO / "examples" / "images").glob("*.jpg"))
@@ -44,13 +43,6 @@ NATIVE_START_UP = re.compile(
     r"|To enable the following instructions:)"
 )
 
-# Parameter counts of the official models (shared/docs/GCVIT_NOTES.md, section 1:
-# 1000-class head, no relative_position_index buffers).
-OFFICIAL_PARAMS = {
-    "xxtiny": 11_995_428, "xtiny": 19_981_294, "tiny": 28_221_974, "tiny2": 34_535_654,
-    "small": 51_092_173, "small2": 68_615_197, "base": 90_320_836, "large": 202_075_570,
-    "large_384": 202_860_610, "large_512": 203_795_362,
-}
 
 
 def messages(stderr):

@@ -1,4 +1,6 @@
-"""Helpers for the checkpoint, download, pretrained and convert tests.
+"""Test data and helpers without pytest: fixture paths and config, official tables, checkpoints, servers.
+
+conftest.py re-exports the fixture constants for the tests and adds the pytest fixtures.
 
 - `run_without_torch`: runs Python code in a subprocess where `import torch` fails.
 - `craft_torch_zip` / `pickle_tensor_dict`: hand-made torch zip archives, for
@@ -28,6 +30,14 @@ FIXTURES = REPO.parent / "shared" / "fixtures"
 REFERENCE = REPO.parent / "shared" / "reference"
 CHECKPOINT_FIXTURE = FIXTURES / "custom_224.pth.tar"
 GOLDEN_FIXTURE = FIXTURES / "custom_224_golden.npz"
+
+# Parameter counts of the official models (shared/docs/GCVIT_NOTES.md, section 1:
+# 1000-class head, no relative_position_index buffers).
+OFFICIAL_PARAMS = {
+    "xxtiny": 11_995_428, "xtiny": 19_981_294, "tiny": 28_221_974, "tiny2": 34_535_654,
+    "small": 51_092_173, "small2": 68_615_197, "base": 90_320_836, "large": 202_075_570,
+    "large_384": 202_860_610, "large_512": 203_795_362,
+}
 
 # Arguments of the fixture model (custom_224_config.json).
 FIXTURE_MODEL_CONFIG = dict(
