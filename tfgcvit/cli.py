@@ -25,12 +25,21 @@ import warnings
 # quick (0.05 s rather than 0.2 s), so that `main` installs its SIGINT handler
 # soon after start-up.
 
-from tfgcvit.config import ALIASES, DEFAULT_CROP_PCT, VARIANTS, WEIGHTS_LICENSE, parameter_count
+from tfgcvit.config import (
+    ALIASES,
+    DEFAULT_CROP_PCT,
+    OFFICIAL_ARGUMENT_NAMES,
+    VARIANTS,
+    WEIGHTS_LICENSE,
+    architecture,
+    architecture_from_official_arguments,
+    parameter_count,
+)
 
 PROG = "tfgcvit"
 DEFAULT_MODEL = "tiny"
 CUSTOM_MODEL = "custom"
-CUSTOM_CONFIG_KEYS = ("dim", "depths", "num_heads", "window_size", "mlp_ratio", "layer_scale", "num_classes")
+CUSTOM_CONFIG_KEYS = (*OFFICIAL_ARGUMENT_NAMES, "num_classes")
 TFDS_PREFIX = "tfds:"
 # The largest --size (or custom config "res"): 4x the 512 pixels of the largest
 # official model. Activations grow with size ** 2 (at 2048, 16x those of the
@@ -158,12 +167,7 @@ def _resolve_model(args):
 
         def build():
             return GCViT(
-                window_size=config["window_size"],
-                embed_dim=config["dim"],
-                depths=config["depths"],
-                num_heads=config["num_heads"],
-                mlp_ratio=config["mlp_ratio"],
-                layer_scale=config["layer_scale"],
+                **architecture_from_official_arguments(config),
                 classes=classes,
                 weights=weights,
                 input_shape=(size, size, 3),
@@ -407,39 +411,13 @@ def _tfds_source(spec, limit):
     return records, count, info.features["label"].num_classes
 
 
-class _Progress:
-    """A progress line on stderr: done/total, percentage and images per second."""
+def _progress_bar(total):
+    """A tqdm progress bar on stderr: redrawn in place on a terminal, a line every 10 s in logs."""
+    from tqdm import tqdm
 
-    def __init__(self, total, stream=None, interval=10.0):
-        self.total, self.stream = total, stream or sys.stderr
-        self.interactive = self.stream.isatty()
-        # Redrawing in place on a terminal; a new line every `interval` s in logs.
-        self.interval = 0.1 if self.interactive else interval
-        self.start = self.last = time.perf_counter()
-        self.done = 0
-
-    def rate(self):
-        return self.done / max(time.perf_counter() - self.start, 1e-9)
-
-    def update(self, count):
-        self.done += count
-        now = time.perf_counter()
-        if now - self.last >= self.interval or self.done >= self.total:
-            self.last = now
-            self._draw()
-
-    def _draw(self):
-        fraction = self.done / self.total if self.total else 1.0
-        width = 30
-        bar = "#" * int(fraction * width) + "-" * (width - int(fraction * width))
-        line = f"[{bar}] {self.done}/{self.total} {fraction:4.0%} {self.rate():.1f} img/s"
-        self.stream.write(f"\r{line}" if self.interactive else f"{line}\n")
-        self.stream.flush()
-
-    def close(self):
-        if self.interactive:
-            self.stream.write("\n")
-            self.stream.flush()
+    interactive = sys.stderr.isatty()
+    return tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=interactive,
+                mininterval=0.1 if interactive else 10.0, ascii=not interactive)
 
 
 def _evaluate(args):
@@ -496,7 +474,8 @@ def _evaluate(args):
     classes_seen = set()
     correct_top1 = correct_top5 = evaluated = failures = 0
     top = min(5, resolved["classes"])
-    progress = _Progress(total)
+    progress = _progress_bar(total)
+    start = time.perf_counter()
     for batch, results in _prepared_batches(items, args.batch_size, prepare, args.workers):
         images, labels = [], []
         for (source, label), (image, message) in zip(batch, results):
@@ -515,7 +494,7 @@ def _evaluate(args):
             classes_seen.update(labels.tolist())
         progress.update(len(batch))
     progress.close()
-    rate = progress.rate()
+    rate = progress.n / max(time.perf_counter() - start, 1e-9)
 
     if not evaluated:
         raise CommandError(f"none of the {total} images in {args.data} could be read")
@@ -553,8 +532,7 @@ def _info(args):
     checkpoints = pretrained_info()
     rows = []
     for variant, config in VARIANTS.items():
-        params = parameter_count(config["embed_dim"], config["depths"], config["num_heads"],
-                                  config["window_size"], config["mlp_ratio"], config["layer_scale"])
+        params = parameter_count(**architecture(variant))
         for entry in [entry for entry in checkpoints if entry["variant"] == variant] or [{}]:
             rows.append({
                 "variant": variant,

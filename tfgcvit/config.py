@@ -69,6 +69,31 @@ ALIASES = {"nano": "xxtiny", "micro": "xtiny"}
 ARCHITECTURE_KEYS = ("embed_dim", "depths", "num_heads", "window_size", "mlp_ratio", "layer_scale")
 
 
+# The official code's argument names for the architecture (its JSON configs, e.g.
+# shared/fixtures/custom_224_config.json), with ours.
+OFFICIAL_ARGUMENT_NAMES = {"dim": "embed_dim", "depths": "depths", "num_heads": "num_heads",
+                           "window_size": "window_size", "mlp_ratio": "mlp_ratio", "layer_scale": "layer_scale"}
+
+
+def architecture(variant):
+    """The architecture hyper-parameters (`ARCHITECTURE_KEYS`) of an official variant or alias."""
+    config = VARIANTS[variant_name(variant)]
+    return {key: config[key] for key in ARCHITECTURE_KEYS}
+
+
+def architecture_from_official_arguments(arguments):
+    """Our architecture hyper-parameters from the official code's (`dim`, `depths`, ...).
+
+    Raises:
+        ValueError: a key is missing; the message names the keys needed.
+    """
+    missing = [name for name in OFFICIAL_ARGUMENT_NAMES if name not in arguments]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)} (a GC ViT architecture needs "
+                         f"{', '.join(OFFICIAL_ARGUMENT_NAMES)})")
+    return {ours: arguments[theirs] for theirs, ours in OFFICIAL_ARGUMENT_NAMES.items()}
+
+
 def variant_name(variant):
     """The official variant name for a name or alias ("Tiny", "large-384", "nano")."""
     key = str(variant).lower().replace("-", "_")

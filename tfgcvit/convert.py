@@ -4,7 +4,6 @@ Used by `tfgcvit convert SRC DST [--variant NAME] [--ema]`: the CLI calls
 `add_arguments` on its subparser and `main` with the parsed arguments.
 """
 
-import math
 import os
 import re
 import sys
@@ -13,6 +12,7 @@ from tfgcvit.checkpoint import CheckpointError, read_checkpoint
 from tfgcvit.config import ARCHITECTURE_KEYS, NUM_STAGES, VARIANTS, find_variant, variant_name
 from tfgcvit.download import DownloadError, fetch, replaced_atomically
 from tfgcvit.model import get_constructor
+from tfgcvit.resize import table_window_size
 from tfgcvit.weights import WeightsMismatchError, load_torch_weights, to_official_layout
 
 
@@ -53,14 +53,14 @@ def detect_config(state_dict):
             raise UnknownVariantError(f"The checkpoint is not a GC ViT state dict: stage {stage} has no blocks.")
         depths.append(max(blocks) + 1)
         table_rows, heads = _shape(state_dict, f"levels.{stage}.blocks.0.attn.relative_position_bias_table")
-        side = math.isqrt(table_rows)
-        if side * side != table_rows or side % 2 == 0:
+        window = table_window_size(table_rows)
+        if window is None:
             raise UnknownVariantError(
                 f"Stage {stage}'s relative position bias table has {table_rows} rows, which is "
                 "not (2 * window - 1) ** 2 for any window."
             )
         num_heads.append(heads)
-        window_size.append((side + 1) // 2)
+        window_size.append(window)
     hidden, channels = _shape(state_dict, "levels.0.blocks.0.mlp.fc1.weight")
     classes = _shape(state_dict, "head.weight")[0] if "head.weight" in state_dict else None
     return dict(

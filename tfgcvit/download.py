@@ -25,6 +25,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from tqdm import tqdm
+
 try:  # Locking is an optimisation (one download instead of two); os.replace keeps it safe without.
     import fcntl
 except ImportError:  # Windows
@@ -111,7 +113,8 @@ def _sidecar_path(path):
     return path + ".sha256"
 
 
-def _read_sidecar(path):
+def recorded_sha256(path):
+    """The digest recorded next to a downloaded file (`<path>.sha256`), or None."""
     try:
         with open(_sidecar_path(path), encoding="utf-8") as file:
             digest = file.read().split()[0].lower()
@@ -178,7 +181,7 @@ def _remove_quietly(path):
         pass
 
 
-class _Lock:
+class FileLock:
     """An exclusive lock on `<path>.lock` (fcntl), so concurrent fetches download once."""
 
     def __init__(self, path):
@@ -196,37 +199,6 @@ class _Lock:
             # The lock file stays: removing it would let a third process lock a fresh inode.
             fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
             self.file.close()
-
-
-class _Progress:
-    """A one-line progress display on stderr: bytes, percentage, MB/s."""
-
-    def __init__(self, name, total, enabled):
-        self.name, self.total, self.enabled = name, total, enabled
-        self.start = self.last = time.monotonic()
-        self.done = 0
-
-    def update(self, count):
-        self.done += count
-        now = time.monotonic()
-        if self.enabled and now - self.last >= _PROGRESS_INTERVAL_SECONDS:
-            self.last = now
-            self._show(now)
-
-    def finish(self):
-        if self.enabled:
-            self._show(time.monotonic())
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-    def _show(self, now):
-        rate = self.done / max(now - self.start, 1e-6) / 1e6
-        if self.total:
-            text = f"{self.done / 1e6:.1f}/{self.total / 1e6:.1f} MB ({100 * self.done / self.total:.0f}%)"
-        else:
-            text = f"{self.done / 1e6:.1f} MB"
-        sys.stderr.write(f"\rDownloading {self.name}: {text} {rate:.1f} MB/s ")
-        sys.stderr.flush()
 
 
 def _progress_enabled(progress):
@@ -248,7 +220,7 @@ def _verified_cached_file(path, sha256):
     """`path` if it exists and matches its pinned or recorded digest, else None (and it is removed)."""
     if not os.path.isfile(path):
         return None
-    expected = sha256 or _read_sidecar(path)
+    expected = sha256 or recorded_sha256(path)
     actual = file_sha256(path)
     if expected is None:
         # A file put there by hand: trust it, and check it from now on.
@@ -275,18 +247,21 @@ def _download(url, destination, sha256, progress):
                 urllib.request.urlopen(request, timeout=_TIMEOUT_SECONDS) as response:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
-            display = _Progress(name, total, _progress_enabled(progress))
-            while True:
-                chunk = response.read(_CHUNK_BYTES)
-                if not chunk:
-                    break
-                output.write(chunk)
-                digest.update(chunk)
-                display.update(len(chunk))
-            display.finish()
-            if total is not None and display.done != total:
+            received = 0
+            with tqdm(total=total, desc=f"Downloading {name}", unit="B", unit_scale=True,
+                      file=sys.stderr, disable=not _progress_enabled(progress),
+                      mininterval=_PROGRESS_INTERVAL_SECONDS) as display:
+                while True:
+                    chunk = response.read(_CHUNK_BYTES)
+                    if not chunk:
+                        break
+                    output.write(chunk)
+                    digest.update(chunk)
+                    received += len(chunk)
+                    display.update(len(chunk))
+            if total is not None and received != total:
                 raise DownloadError(
-                    f"The download of {url} is truncated: {display.done} of {total} bytes arrived."
+                    f"The download of {url} is truncated: {received} of {total} bytes arrived."
                 )
             output.flush()
             os.fsync(output.fileno())
@@ -366,7 +341,7 @@ def fetch(url, sha256=None, filename=None, progress=True):
         ) from None
     destination = os.path.join(directory, filename)
 
-    with _Lock(destination):
+    with FileLock(destination):
         cached = _verified_cached_file(destination, sha256)
         if cached is not None:
             return cached

@@ -37,6 +37,7 @@ from tfgcvit.config import (
     IMAGENET_STD,
     VARIANTS,
     WEIGHTS_LICENSE_ID,
+    architecture,
     check_architecture,
     check_image_shape,
     parameter_count,
@@ -299,18 +300,9 @@ def preset_name(variant, pretrain):
     return f"gcvit_{variant}_{pretrain}"
 
 
-def architecture(variant):
+def backbone_arguments(variant):
     """The `GCViTBackbone` arguments of an official variant."""
-    config = VARIANTS[variant]
-    return dict(
-        embed_dim=config["embed_dim"],
-        depths=config["depths"],
-        num_heads=config["num_heads"],
-        window_size=config["window_size"],
-        mlp_ratio=config["mlp_ratio"],
-        layer_scale=config["layer_scale"],
-        drop_path_rate=config["path_drop"],
-    )
+    return dict(architecture(variant), drop_path_rate=VARIANTS[variant]["path_drop"])
 
 
 def build_classifier(backbone_arguments, num_classes, image_size, crop_mode="center", state_dict=None):
@@ -375,11 +367,11 @@ def official_preset_directory(name):
         return directory
     record = PRESETS[name]["record"]
     os.makedirs(os.path.dirname(directory), exist_ok=True)
-    with download._Lock(directory):  # one conversion at a time; a waiting process finds the result
+    with download.FileLock(directory):  # one conversion at a time; a waiting process finds the result
         if not os.path.isfile(os.path.join(directory, "config.json")):
             state = pretrained_state_dict(record["variant"], record["pretrain"])
             classifier = build_classifier(
-                architecture(record["variant"]), 1000, record["input_size"], record["crop_mode"], state
+                backbone_arguments(record["variant"]), 1000, record["input_size"], record["crop_mode"], state
             )
             save_preset(classifier, directory)
             sys.stderr.write(f"tfgcvit: wrote the keras-hub preset {name} to {directory}.\n")
@@ -403,7 +395,6 @@ def _official_presets():
     presets = {}
     for record in official_checkpoints():
         variant, pretrain = record["variant"], record["pretrain"]
-        config = VARIANTS[variant]
         trained = ("ImageNet-1k" if pretrain == "imagenet"
                    else "ImageNet-21k and fine-tuned on ImageNet-1k")
         name = preset_name(variant, pretrain)
@@ -416,8 +407,7 @@ def _official_presets():
                     f"{record['input_size']} by NVIDIA (official weights, ImageNet top-1 "
                     f"{record['top1']}%), converted from the official checkpoint on first use."
                 ),
-                "params": parameter_count(**{key: config[key] for key in (
-                    "embed_dim", "depths", "num_heads", "window_size", "mlp_ratio", "layer_scale")}, classes=0),
+                "params": parameter_count(**architecture(variant), classes=0),
                 "path": "gcvit",
                 "license": WEIGHTS_LICENSE_ID,
             },

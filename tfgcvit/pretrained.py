@@ -136,7 +136,7 @@ def _convert(record, progress):
     checkpoint = download.fetch(
         source, sha256=record["sha256"], filename=_checkpoint_file_name(record), progress=progress
     )
-    source_sha256 = record["sha256"] or download._read_sidecar(checkpoint) or ""
+    source_sha256 = record["sha256"] or download.recorded_sha256(checkpoint) or ""
     state = to_official_layout(read_checkpoint(checkpoint, entry="state_dict"))
     # Only the model's weights: index buffers are rebuilt by the model itself.
     return {name: value for name, value in state.items() if not name.endswith(IGNORED_SUFFIXES)}, source_sha256
@@ -166,7 +166,7 @@ def pretrained_state_dict(variant, pretrain="imagenet", progress=True):
         return state
     os.makedirs(os.path.dirname(path), exist_ok=True)
     # One conversion at a time per file; a waiting process then finds the result.
-    with download._Lock(path):
+    with download.FileLock(path):
         state = _load_converted(path, record)
         if state is None:
             state, source_sha256 = _convert(record, progress)
