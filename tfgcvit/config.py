@@ -163,8 +163,8 @@ def check_architecture(embed_dim, depths, num_heads, window_size):
         channels = embed_dim * 2**stage
         if heads < 1 or channels % heads:
             raise ValueError(
-                f"Stage {stage} has {channels} channels (embed_dim * 2**{stage}), which "
-                f"{heads} heads do not divide; choose num_heads that divide the channels."
+                f"Stage {stage} has {channels} channels (embed_dim * 2**{stage}), which are "
+                f"not divisible by its {heads} heads; choose num_heads that divide the channels."
             )
     if min(depths) < 1:
         raise ValueError(f"Every stage needs at least one block; got depths {depths}.")
