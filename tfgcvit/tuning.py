@@ -78,7 +78,7 @@ def tensorflow_threads():
     """The threads TensorFlow's kernels compute with in this process.
 
     Its intra-op setting when one was made, otherwise the CPUs the process may
-    run on (TensorFlow's own default; it follows `taskset` and cgroup affinity).
+    run on (TensorFlow's own default; it follows `taskset` and cpusets, not CPU quotas).
     """
     import tensorflow as tf
 
