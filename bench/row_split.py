@@ -8,8 +8,12 @@ those of GCViT-Tiny's stages at batch 1 and 8 (224x224).
 
 Usage (from the repository root; about 3 minutes):
     .venv/bin/python bench/row_split.py
+    # other thread counts / CPUs, a few shapes (the tuning decision in tfgcvit.tuning):
+    taskset -c 0 .venv/bin/python bench/row_split.py --threads 0 --shapes 196x256,784x128
+    .venv/bin/python bench/row_split.py --threads 4 --inter-threads 4 --shapes 196x256
 """
 
+import argparse
 import os
 import time
 
@@ -36,7 +40,8 @@ def mlp_chain(rows, channels, split):
     ]
 
     def mlp(x, w1, b1, w2, b2):
-        hidden = tf.nn.gelu(tf.nn.bias_add(tf.matmul(x, w1), b1), approximate=False)
+        hidden = tf.nn.bias_add(tf.matmul(x, w1), b1)
+        hidden = 0.5 * hidden * (1.0 + tf.math.erf(hidden * 0.7071067811865476))  # as tfgcvit
         return tf.nn.bias_add(tf.matmul(hidden, w2), b2)
 
     def forward(x):
@@ -63,11 +68,32 @@ def median_seconds(function, x, repeats):
     return float(np.median(times))
 
 
+def parse_shapes(text):
+    try:
+        return [tuple(int(n) for n in item.split("x")) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shapes must look like 196x256,784x128; got {text!r}")
+
+
 def main():
-    tf.config.threading.set_intra_op_parallelism_threads(2)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2,
+                        help="TensorFlow intra-op threads; 0 keeps TensorFlow's default "
+                             "(the CPUs this process may use)")
+    parser.add_argument("--inter-threads", type=int, default=0,
+                        help="TensorFlow inter-op threads; 0 (default) keeps TensorFlow's")
+    parser.add_argument("--shapes", type=parse_shapes, default=SHAPES,
+                        help="rows x channels list, e.g. 196x256,784x128 (default: all)")
+    args = parser.parse_args()
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    if args.inter_threads:
+        tf.config.threading.set_inter_op_parallelism_threads(args.inter_threads)
+    print(f"intra-op threads {args.threads or 'default'}, inter-op {args.inter_threads or 'default'}, "
+          f"usable CPUs {len(os.sched_getaffinity(0))}")
     print("| rows x channels | whole ms | halves ms | halves speed-up |")
     print("|---|---|---|---|")
-    for rows, channels in SHAPES:
+    for rows, channels in args.shapes:
         x = tf.constant(np.random.default_rng(1).standard_normal((rows, channels), dtype=np.float32))
         repeats = 15 if rows <= 3136 else 5
         whole = median_seconds(mlp_chain(rows, channels, split=False), x, repeats)

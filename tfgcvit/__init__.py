@@ -11,10 +11,57 @@ works; keras-hub itself is never imported by `import tfgcvit`.
 import importlib
 import importlib.abc
 import importlib.util
+import os
 import sys
 import warnings
 
 __version__ = "3.0.0"
+
+
+class _NoJaxOutsideItsBackend(importlib.abc.MetaPathFinder):
+    """Keeps TensorFlow and Keras from importing JAX where the Keras backend is not JAX.
+
+    With JAX installed (the `[test]` extras install it), TensorFlow 2.21 and
+    Keras 3.15 import it at their own import although a TensorFlow or PyTorch
+    process never uses it: `tensorflow/lite/python/util.py` (`from jax import
+    jit`, used only by `TFLiteConverter.experimental_from_jax`) and
+    `keras/src/callbacks/orbax_checkpoint.py` (a shim for old JAX versions).
+    That costs about 140 MiB of resident memory. Both imports already handle a
+    missing JAX, so this finder answers "not found" to them, and to them only:
+    every other import of JAX, and these under the JAX backend, go through as
+    usual. It acts when TensorFlow and Keras are imported after `tfgcvit` (as
+    `tfgcvit.GCViT` and every submodule do); a process that imported them
+    first has JAX loaded already.
+    """
+
+    IMPORTERS = ("tensorflow.lite.python.util", "keras.src.callbacks.orbax_checkpoint")
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "jax" or _keras_backend() == "jax" or not self._imported_by_listed_module():
+            return None
+        raise ModuleNotFoundError(
+            "tfgcvit keeps JAX out of processes whose Keras backend is not JAX", name=name
+        )
+
+    def _imported_by_listed_module(self):
+        frame = sys._getframe(1)
+        while frame is not None:
+            if frame.f_globals.get("__name__") in self.IMPORTERS:
+                return True
+            frame = frame.f_back
+        return False
+
+
+def _keras_backend():
+    """The Keras backend, read without importing Keras (or from it once loaded)."""
+    config = sys.modules.get("keras.src.backend.config")
+    if config is not None and hasattr(config, "backend"):
+        return config.backend()
+    return os.environ.get("KERAS_BACKEND", "tensorflow")
+
+
+if not any(isinstance(finder, _NoJaxOutsideItsBackend) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _NoJaxOutsideItsBackend())
 
 _EXPORTS = {
     "GCViT": "tfgcvit.model",

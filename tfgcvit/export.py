@@ -11,6 +11,11 @@ what to do instead when it does not. What works (and is tested):
 | "litert"         | tensorflow        | yes           | yes (resize the input tensor) |
 
 Dynamic height/width need a model built with `input_shape=(None, None, 3)`.
+Exports are traced without machine-specific tuning (`tfgcvit.tuning.disabled()`),
+so a file runs the same graph wherever it is served. Keras' own
+`model.export(path, format="onnx")` works too (after one call of the model);
+wrap it in `tfgcvit.tuning.disabled()` to keep the tuning out of the file.
+`quantize_onnx` writes an int8 (dynamic quantisation) copy of an ONNX file.
 The model weights are backend-independent: to export from a JAX or PyTorch
 session, save them (`model.save_weights("m.weights.h5")`), rebuild the same
 model under `KERAS_BACKEND=tensorflow`, load them and export there.
@@ -18,6 +23,8 @@ model under `KERAS_BACKEND=tensorflow`, load them and export there.
 
 import keras
 import numpy as np
+
+from tfgcvit import tuning
 
 FORMATS = ("tf_saved_model", "onnx", "litert")
 # Backends on which each format exports GC ViT (checked in tests/test_export.py).
@@ -29,7 +36,8 @@ BACKENDS = {
 # Why the other backends are not offered, shown in the error.
 UNSUPPORTED_REASONS = {
     ("tf_saved_model", "torch"): "Keras cannot write a TensorFlow SavedModel from PyTorch",
-    ("onnx", "jax"): "Keras' JAX path needs the separate jax2onnx converter, untested with GC ViT",
+    ("onnx", "jax"): ("Keras' JAX path needs the separate jax2onnx converter and its flax, "
+                      "equinox and optax dependencies, not installed with tfgcvit nor tested"),
     ("onnx", "torch"): ("Keras' PyTorch path (torch.onnx) fails on GC ViT's dynamic window "
                         "shapes and has no dynamic batch"),
     ("litert", "jax"): "Keras has no LiteRT exporter for JAX",
@@ -45,34 +53,6 @@ OPTIONS = {
 # The oldest ONNX opset tested with GC ViT (tf2onnx's default is newer).
 MIN_ONNX_OPSET = 13
 MIN_SIZE = 32
-
-
-def _register_erfc_for_tf2onnx():
-    """Teaches tf2onnx TensorFlow's Erfc, which TF's exact GELU uses.
-
-    `tf.nn.gelu(approximate=False)` computes 0.5 * x * erfc(-x / sqrt(2)); tf2onnx
-    1.17 has no Erfc conversion and writes a graph that ONNX Runtime rejects.
-    ONNX has Erf (opset 9+), so Erfc(x) becomes 1 - Erf(x). Registered once per
-    process, and only where tf2onnx has no Erfc handler of its own.
-    """
-    from tf2onnx import constants, utils
-    from tf2onnx.handler import tf_op
-
-    if any("Erfc" in handlers for handlers in tf_op.get_opsets().get(constants.ONNX_DOMAIN, [])):
-        return
-
-    @tf_op("Erfc")
-    class Erfc:  # noqa: F841 (the decorator registers it)
-        @classmethod
-        def version_9(cls, ctx, node, **kwargs):
-            node.type = "Erf"
-            dtype = utils.map_onnx_to_numpy_type(ctx.get_dtype(node.output[0]))
-            one = ctx.make_const(utils.make_name("erfc_one"), np.array(1, dtype=dtype))
-            complement = ctx.insert_new_node_on_output(
-                "Sub", node.output[0], name=utils.make_name(node.name),
-                inputs=[one.output[0], node.output[0]],
-            )
-            ctx.copy_shape(node.output[0], complement.output[0])
 
 
 def _check_float32(model, format):
@@ -182,7 +162,6 @@ def export_model(model, path, format="tf_saved_model", input_signature=None, ver
                 f"`opset_version` must be an integer >= {MIN_ONNX_OPSET} (the oldest opset "
                 f"tested with GC ViT); got {opset!r}."
             )
-        _register_erfc_for_tf2onnx()
     if format == "tf_saved_model" and backend == "jax":
         # jax2tf would also serialise gradients, which fails on the random-seed
         # state of the dropout layers; serving needs none.
@@ -190,6 +169,40 @@ def export_model(model, path, format="tf_saved_model", input_signature=None, ver
         jax2tf_kwargs.setdefault("with_gradient", False)
         kwargs["jax2tf_kwargs"] = jax2tf_kwargs
 
-    model.export(str(path), format=format, verbose=verbose, input_signature=input_signature,
-                 **kwargs)
+    # The machine that serves the file is not this one: no tuning for it.
+    with tuning.disabled():
+        model.export(str(path), format=format, verbose=verbose, input_signature=input_signature,
+                     **kwargs)
     return path
+
+
+def quantize_onnx(path, output_path, per_channel=True):
+    """Int8 dynamic quantisation of an exported ONNX file, for ONNX Runtime.
+
+    The weights of every MatMul and Conv are stored as int8 and activations are
+    quantised as the model runs (`onnxruntime.quantization.quantize_dynamic`).
+    It costs accuracy: check it on your own data. On the test fixture
+    (BENCHMARKS.md, "Deployment") top-1 agreed with float32 on all 8 images
+    tried, while logits (up to 2.5 in size) moved by up to 0.23.
+
+    Args:
+        path: a float32 ONNX file, e.g. from `export_model(..., format="onnx")`.
+        output_path: where to write the quantised file.
+        per_channel: one scale per output channel (more accurate) rather than
+            one per tensor.
+
+    Returns:
+        `output_path`.
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+    """
+    import os
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No ONNX file at {str(path)!r}; export one first.")
+    quantize_dynamic(str(path), str(output_path), per_channel=per_channel,
+                     weight_type=QuantType.QInt8)
+    return output_path

@@ -13,19 +13,34 @@ import numpy as np
 import keras
 from keras import layers, ops
 
+from tfgcvit import tuning
 from tfgcvit.config import LAYER_NORM_EPSILON
 
 PACKAGE = "tfgcvit"
 
 
+SQRT_HALF = 0.7071067811865476
+
+
 def _gelu(x):
-    # The official model uses PyTorch's exact (erf) GELU, not the tanh one.
-    return ops.gelu(x, approximate=False)
+    """Exact (erf) GELU, as the official model uses (PyTorch's default), not the tanh one.
+
+    On TensorFlow it is written out as 0.5 * x * (1 + erf(x / sqrt(2))):
+    `tf.nn.gelu` computes 0.5 * x * erfc(-x / sqrt(2)), and ONNX has no Erfc,
+    so Keras' own `model.export(format="onnx")` (tf2onnx) wrote files that ONNX
+    Runtime rejects. The two forms differ by float rounding only, and
+    TensorFlow's graph optimiser fuses this one into the matmul as well
+    (`_FusedMatMul` with BiasAdd + GeluExact). Other backends use their own
+    exact GELU (one kernel on PyTorch; the same erf form on JAX).
+    """
+    if keras.backend.backend() != "tensorflow":
+        return ops.gelu(x, approximate=False)
+    return 0.5 * x * (1.0 + ops.erf(x * SQRT_HALF))
 
 
-# On TensorFlow, dense layers on more than ROW_SPLIT_MIN_ROWS and at most
-# ROW_SPLIT_MAX_ROWS rows of at most ROW_SPLIT_MAX_CHANNELS channels run as two
-# half-size matmuls at once (see `_by_row_halves`).
+# On TensorFlow with two threads, dense layers on more than ROW_SPLIT_MIN_ROWS
+# and at most ROW_SPLIT_MAX_ROWS rows of at most ROW_SPLIT_MAX_CHANNELS channels
+# run as two half-size matmuls at once (see `_by_row_halves`, `tfgcvit.tuning`).
 ROW_SPLIT_MIN_ROWS = 64
 ROW_SPLIT_MAX_ROWS = 1024
 ROW_SPLIT_MAX_CHANNELS = 256
@@ -34,7 +49,9 @@ ROW_SPLIT_MAX_CHANNELS = 256
 def _by_row_halves(function, rows):
     """`function(rows)` for a row-wise function of a (rows, C) matrix.
 
-    On TensorFlow, matrices within the ROW_SPLIT_* limits go through
+    Where `tfgcvit.tuning.row_halves()` says so at trace time (TensorFlow
+    with two threads, tuning not switched off; never in exports), matrices
+    within the ROW_SPLIT_* limits go through
     `function` as two row halves that are then concatenated: oneDNN's matmul
     inside TensorFlow hardly uses a second thread for a few hundred rows
     (196 x 256 @ 256 x 768: 148 GFLOP/s on one thread, 144 on two, where
@@ -44,9 +61,11 @@ def _by_row_halves(function, rows):
     rows, more channels (each half then reads all the weights for little work)
     or more rows it gains nothing or loses up to 26% (`bench/row_split.py`,
     measured on 2 cores). Rows are independent, so results agree to float
-    rounding. Other backends get `function(rows)`.
+    rounding. Everywhere else (other backends, other thread counts, tuning
+    off) this is `function(rows)`. The split ops live under a "row_halves"
+    name scope, which is how tests find them in a graph.
     """
-    if keras.backend.backend() != "tensorflow" or rows.shape[-1] > ROW_SPLIT_MAX_CHANNELS:
+    if rows.shape[-1] > ROW_SPLIT_MAX_CHANNELS or not tuning.row_halves():
         return function(rows)
 
     def halves():
@@ -54,13 +73,15 @@ def _by_row_halves(function, rows):
         return ops.concatenate([function(rows[:half]), function(rows[half:])], axis=0)
 
     static_count = rows.shape[0]
-    if static_count is not None:
-        in_range = ROW_SPLIT_MIN_ROWS < static_count <= ROW_SPLIT_MAX_ROWS
-        return halves() if in_range else function(rows)
-    # The batch size is unknown while tracing: choose when the graph runs.
-    count = ops.shape(rows)[0]
-    in_range = ops.logical_and(count > ROW_SPLIT_MIN_ROWS, count <= ROW_SPLIT_MAX_ROWS)
-    return ops.cond(in_range, halves, lambda: function(rows))
+    if static_count is not None and not ROW_SPLIT_MIN_ROWS < static_count <= ROW_SPLIT_MAX_ROWS:
+        return function(rows)
+    with keras.name_scope("row_halves"):
+        if static_count is not None:
+            return halves()
+        # The batch size is unknown while tracing: choose when the graph runs.
+        count = ops.shape(rows)[0]
+        in_range = ops.logical_and(count > ROW_SPLIT_MIN_ROWS, count <= ROW_SPLIT_MAX_ROWS)
+        return ops.cond(in_range, halves, lambda: function(rows))
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
