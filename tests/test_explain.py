@@ -39,8 +39,8 @@ def jax_backend():
 def sized_model(fixture_model, fixture_state_dict):
     """The fixture weights at 96 x 136, not a window multiple at any stage: every block pads and crops.
 
-    On JAX, which compiles every new shape for tens of seconds here (building
-    at 96 x 136 alone takes a minute), the 224 x 224 fixture model.
+    On JAX, which compiles every new shape for tens of seconds here, the
+    224 x 224 fixture model, which the next test compiles for the same batch.
     """
     from tfgcvit import GCViT, load_torch_weights
 
@@ -68,32 +68,35 @@ def halves_reading_model(backbone):
 
 
 @pytest.mark.backends
-def test_maps_have_the_image_size_are_finite_and_normalised(sized_model):
-    from tfgcvit.explain import explain_image
+def test_maps_have_the_image_size_are_finite_and_normalised(sized_model, golden):
+    from tfgcvit import preprocess_input
+    from tfgcvit.explain import explain_images
 
     size = tuple(sized_model.inputs[0].shape[1:3])
-    image = photo(*size)
-    result = explain_image(sized_model, image)
-    maps = [result["cam"], *result["attention"].values()]
-    assert sorted(result["attention"]) == ["stage0", "stage1", "stage2", "stage3"]
-    for values in maps:
-        assert values.shape == size and values.dtype == np.float32
-        assert np.all(np.isfinite(values))
-        assert values.min() == 0.0 and values.max() == pytest.approx(1.0)
-    # Token maps at the stage resolutions (stride 4, 8, 16, 32, rounded up).
-    expected = {(96, 136): [(24, 34), (12, 17), (6, 9), (3, 5)], (224, 224): [(56, 56), (28, 28), (14, 14), (7, 7)]}
-    assert [m.shape for m in result["attention_tokens"].values()] == expected[size]
+    if size == (224, 224):
+        images, reference = golden["pixels"], golden["logits"]
+    else:
+        images = np.stack([photo(*size), photo(*size)[::-1]])
+        reference = np.asarray(sized_model.predict(preprocess_input(images), verbose=0))
+    expected_tokens = {(96, 136): [(24, 34), (12, 17), (6, 9), (3, 5)],
+                       (224, 224): [(56, 56), (28, 28), (14, 14), (7, 7)]}[size]
+    bias = np.asarray(sized_model.get_layer("head").bias)
+    for result, logits in zip(explain_images(sized_model, images), reference):
+        assert sorted(result["attention"]) == ["stage0", "stage1", "stage2", "stage3"]
+        for values in [result["cam"], *result["attention"].values()]:
+            assert values.shape == size and values.dtype == np.float32
+            assert np.all(np.isfinite(values))
+            assert values.min() == 0.0 and values.max() == pytest.approx(1.0)
+        # Token maps at the stage resolutions (stride 4, 8, 16, 32, rounded up).
+        assert [m.shape for m in result["attention_tokens"].values()] == expected_tokens
 
-    from tfgcvit import preprocess_input
-
-    logits = np.asarray(sized_model.predict(preprocess_input(image[None]), verbose=0))[0]
-    np.testing.assert_allclose(result["logits"], logits, rtol=0, atol=tolerance(logits))
-    assert result["class_index"] == int(np.argmax(logits))
-    assert result["probabilities"].sum() == pytest.approx(1.0, abs=1e-5)
-    # GC ViT's head averages the positions then applies a dense layer: the
-    # HiResCAM (= Grad-CAM = CAM) values sum to the logit less the head bias.
-    bias = np.asarray(sized_model.get_layer("head").bias)[result["class_index"]]
-    assert result["cam_tokens"].sum() == pytest.approx(logits[result["class_index"]] - bias, abs=1e-4)
+        np.testing.assert_allclose(result["logits"], logits, rtol=0, atol=tolerance(logits))
+        assert result["class_index"] == int(np.argmax(logits))
+        assert result["probabilities"].sum() == pytest.approx(1.0, abs=1e-5)
+        # GC ViT's head averages the positions then applies a dense layer: the
+        # HiResCAM (= Grad-CAM = CAM) values sum to the logit less the head bias.
+        index = result["class_index"]
+        assert result["cam_tokens"].sum() == pytest.approx(logits[index] - bias[index], abs=1e-4)
 
 
 @pytest.mark.backends

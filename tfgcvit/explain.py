@@ -203,7 +203,8 @@ def attention_token_maps(stages):
     for stage in stages:
         height, width = stage["size"]
         w = stage["window_size"]
-        received = np.mean([p.mean(axis=(1, 3)) for p in stage["probabilities"]], axis=0)  # (B, nW, N)
+        received = np.mean([np.mean(p, axis=(1, 3), dtype=np.float32) for p in stage["probabilities"]],
+                           axis=0)  # (B, nW, N)
         grid = window_reverse(received[..., None], w, height + (-height % w), width + (-width % w))
         maps.append(np.asarray(ops.convert_to_numpy(grid))[:, :height, :width, 0])
     return maps
@@ -275,7 +276,7 @@ def class_activation_tokens(head, features, class_indices, method="hirescam"):
 
 def _upsample(token_map, height, width):
     """Bilinear resize of a (h, w) map to (height, width), half-pixel centres (Pillow)."""
-    image = Image.fromarray(np.asarray(token_map, np.float32), "F")
+    image = Image.fromarray(np.asarray(token_map, np.float32))  # mode "F"
     return np.asarray(image.resize((width, height), Image.Resampling.BILINEAR), np.float32)
 
 
@@ -325,11 +326,13 @@ def explain_images(model, images, class_index=None, method="hirescam"):
     """
     from tfgcvit.preprocessing import preprocess_input
 
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}.")
     images = _check_images(model, images)
     inputs = preprocess_input(images)
     explainer, head = _parts(model)
     outputs = explainer.predict_on_batch(inputs)
-    features = outputs["features"]
+    features = np.asarray(outputs["features"], np.float32)
     logits = np.asarray(head.predict_on_batch(features), np.float32)
     attention_tokens = attention_token_maps(_stages(model, outputs))
     batch, classes = logits.shape
