@@ -43,6 +43,7 @@ structure (windows, borders, textures), not semantics.
 import json
 import os
 import sys
+import weakref
 
 import numpy as np
 import keras
@@ -57,6 +58,9 @@ COLORMAP = "turbo"
 OVERLAY_ALPHA = 0.5
 TOP = 5
 MATPLOTLIB_MISSING = 'rendering the pictures needs matplotlib: pip install "tfgcvit[explain]"'
+# model -> (explainer, head). Not an attribute of the model: Keras would track
+# the sub-models as its layers and save them with its weights.
+_PARTS = weakref.WeakKeyDictionary()
 
 
 # Model parts -------------------------------------------------------------------
@@ -102,7 +106,7 @@ class _StageAttention(keras.layers.Layer):
 
 
 def _parts(model):
-    """Sub-models of a GC ViT classifier, cached on the model.
+    """Sub-models of a GC ViT classifier, made once per model.
 
     Returns:
         (explainer, head): `explainer` maps images to {"features": the final
@@ -110,9 +114,8 @@ def _parts(model):
         `head` maps those features to the class logits (before the softmax
         of `classifier_activation`).
     """
-    parts = getattr(model, "_tfgcvit_explain_parts", None)
-    if parts is not None:
-        return parts
+    if model in _PARTS:
+        return _PARTS[model]
     try:
         levels = [model.get_layer(f"levels_{i}") for i in range(NUM_STAGES)]
         features = model.get_layer("norm").output
@@ -140,7 +143,7 @@ def _parts(model):
         # compiles each op instead. Tracing a tf.function costs more than a few
         # eager TensorFlow runs; PyTorch runs eagerly anyway.
         part.run_eagerly = keras.backend.backend() != "jax"
-    model._tfgcvit_explain_parts = parts
+    _PARTS[model] = parts
     return parts
 
 
@@ -469,7 +472,7 @@ def add_arguments(parser):
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
     parser.add_argument("--class", dest="explain_class", metavar="NAME|INDEX",
                         help="class to explain, by index or label (default: each image's top class)")
-    parser.add_argument("--out", default=".",
+    parser.add_argument("--out", default=".", metavar="DIR",
                         help="folder for the pictures, IMAGE-NAME_explain.png (default: the current folder)")
     parser.add_argument("--method", choices=METHODS, default="hirescam",
                         help="class-activation method (default: hirescam, equal to Grad-CAM for GC ViT's head)")
