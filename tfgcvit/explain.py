@@ -321,7 +321,8 @@ def explain_images(model, images, class_index=None, method="hirescam"):
         "cam_tokens": the signed map before ReLU, upsampling and scaling,
         at the final feature map (h, w);
         "attention_tokens": {"stage0"..: the map before upsampling and
-        scaling, at the stage's feature map, see `attention_token_maps`}.
+        scaling, at the stage's feature map, see `attention_token_maps`};
+        "method": the class-activation method.
 
     Raises:
         ValueError: not a GC ViT classifier, images of the wrong shape, or a
