@@ -85,6 +85,8 @@ _EXPORTS = {
     "load_torch_weights": "tfgcvit.weights",
     "preprocess_input": "tfgcvit.preprocessing",
     "decode_predictions": "tfgcvit.preprocessing",
+    # `tfgcvit.explain` is the module, `tfgcvit.explain_image` its main function.
+    "explain_image": "tfgcvit.explain",
 }
 
 __all__ = list(_EXPORTS)

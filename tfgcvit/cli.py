@@ -675,7 +675,8 @@ def build_parser():
     info.set_defaults(handler=_info)
 
     for name, help_text in (("convert", "convert official/timm checkpoints to Keras weights"),
-                            ("benchmark", "measure inference speed")):
+                            ("benchmark", "measure inference speed"),
+                            ("explain", "pictures of the class-activation and global-attention maps")):
         delegate = _delegate(name)
         sub = commands.add_parser(name, help=help_text)
         if delegate is None:

@@ -458,7 +458,20 @@ class WindowAttention(layers.Layer):
         x = ops.transpose(x, (2, 3, 0, 1, 4))
         return [x[i] for i in range(parts)]
 
-    def call(self, inputs, global_query=None, training=None):
+    def attend(self, inputs, global_query=None):
+        """Attention probabilities and values of windows, before dropout.
+
+        `call` uses this; `tfgcvit.explain` calls it to read the attention.
+
+        Args:
+            inputs: windows (B, num_windows, w*w, C).
+            global_query: (heads, B, 1, w*w, head_dim) for global attention.
+
+        Returns:
+            (probabilities, values): (heads, B * num_windows, w*w queries,
+            w*w keys), each query's row summing to one, and
+            (heads, B * num_windows, w*w, head_dim).
+        """
         batch, windows = ops.shape(inputs)[0], ops.shape(inputs)[1]
         tokens = self.window_size**2
         channels = self.num_heads * self.head_dim
@@ -477,7 +490,13 @@ class WindowAttention(layers.Layer):
         # is what lets TensorFlow fuse it; the results agree to float rounding.
         attn = ops.matmul(query, ops.swapaxes(key, -1, -2))
         attn = attn * ops.cast(self.scale, attn.dtype) + self.relative_position_bias()
-        attn = ops.softmax(attn, axis=-1)
+        return ops.softmax(attn, axis=-1), value
+
+    def call(self, inputs, global_query=None, training=None):
+        batch, windows = ops.shape(inputs)[0], ops.shape(inputs)[1]
+        tokens = self.window_size**2
+        channels = self.num_heads * self.head_dim
+        attn, value = self.attend(inputs, global_query)
         attn = self.attn_dropout(attn, training=training)
         x = ops.matmul(attn, value)  # (heads, B * nW, N, head_dim)
         x = ops.transpose(x, (1, 2, 0, 3))
