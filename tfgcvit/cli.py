@@ -1,4 +1,4 @@
-"""The `tfgcvit` command: predict, evaluate, info, convert and benchmark.
+"""The `tfgcvit` command: predict, evaluate, explain, info, convert and benchmark.
 
 Exit codes: 0 on success; 1 when something failed at run time (a missing
 model file, weights that cannot be downloaded, an image that cannot be read -
@@ -522,6 +522,125 @@ def _evaluate(args):
     return 0
 
 
+# explain ---------------------------------------------------------------------
+
+
+def _add_explain_arguments(parser):
+    from tfgcvit.explain import METHODS
+
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
+    parser.add_argument("--class", dest="explain_class", metavar="NAME|INDEX",
+                        help="class to explain, by index or label (default: each image's top class)")
+    parser.add_argument("--out", default=".", metavar="DIR",
+                        help="folder for the pictures, IMAGE-NAME_explain.png (default: the current folder)")
+    parser.add_argument("--method", choices=METHODS, default="hirescam",
+                        help="class-activation method (default: hirescam, equal to Grad-CAM for GC ViT's head)")
+    parser.add_argument("--labels", help="text file with one class name per line, in class-index order")
+    _add_model_arguments(parser, batch_size=4)
+    parser.set_defaults(handler=_explain)
+
+
+def _class_from_argument(text, names):
+    if text is None:
+        return None
+    if text.strip().isdigit():
+        index = int(text)
+        if index >= len(names):
+            raise CommandError(f"--class {text}: the model has {len(names)} classes (0..{len(names) - 1})")
+        return index
+    wanted = text.strip().lower().replace("_", " ")
+    matches = [i for i, name in enumerate(names) if name.lower().replace("_", " ") == wanted]
+    if not matches:
+        raise CommandError(f"--class {text!r}: no such class label; pass a class index or a label "
+                           f"such as {names[0]!r}")
+    return matches[0]
+
+
+def _summary(values):
+    import numpy as np
+
+    peak = np.unravel_index(int(np.argmax(values)), values.shape)
+    return {"shape": list(values.shape), "min": float(values.min()), "max": float(values.max()),
+            "mean": float(values.mean()), "peak": [int(peak[0]), int(peak[1])]}
+
+
+def _output_path(folder, image_path, used):
+    stem = os.path.splitext(os.path.basename(image_path))[0] or "image"
+    path, count = os.path.join(folder, f"{stem}_explain.png"), 1
+    while path in used:
+        count += 1
+        path = os.path.join(folder, f"{stem}_explain_{count}.png")
+    used.add(path)
+    return path
+
+
+def _report(image_path, path, result, names, as_json):
+    from tfgcvit.explain import TOP
+
+    best = _top_indices(result["probabilities"], TOP)
+    predictions = [{"index": int(i), "label": names[i], "probability": float(result["probabilities"][i])}
+                   for i in best]
+    if not as_json:
+        print(image_path)
+        for rank, prediction in enumerate(predictions, 1):
+            print(f"  {rank}. {prediction['probability']:.4f}  {prediction['label']}")
+        print(f"  -> {path} ({result['method']} of {names[result['class_index']]})")
+    return {"image": image_path, "output": path, "predictions": predictions,
+            "class": {"index": result["class_index"], "label": names[result["class_index"]]},
+            "method": result["method"], "cam": _summary(result["cam"]),
+            "attention": {name: _summary(values) for name, values in result["attention"].items()}}
+
+
+def _explain(args):
+    import numpy as np
+
+    from tfgcvit import explain
+    from tfgcvit.images import evaluation_transform, load_image
+
+    try:
+        explain._colormap()
+    except ImportError as error:
+        raise CommandError(str(error)) from None
+    resolved = _resolve_model(args)
+    names = _class_names(resolved["classes"], args.labels)
+    class_index = _class_from_argument(args.explain_class, names)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as error:
+        raise CommandError(f"cannot create the output folder {args.out}: {error}") from None
+    model = _build_model(resolved)
+
+    def prepare(path):
+        return evaluation_transform(load_image(path), resolved["size"], resolved["crop_pct"], resolved["crop_mode"])
+
+    records, failures, used = [], 0, set()
+    for paths, results in _prepared_batches(args.images, args.batch_size, prepare, args.workers):
+        good = [image for image, _ in results if image is not None]
+        explained = iter(explain.explain_images(model, np.stack(good), class_index, args.method) if good else [])
+        for image_path, (image, message) in zip(paths, results):
+            if message is not None:
+                failures += 1
+                _print_error(message)
+                records.append({"image": image_path, "error": message})
+                continue
+            result = next(explained)
+            path = _output_path(args.out, image_path, used)
+            try:
+                explain.render(image, result, names).save(path)
+            except OSError as error:
+                raise CommandError(f"cannot write {path}: {error}") from None
+            records.append(_report(image_path, path, result, names, args.json))
+    if args.json:
+        json.dump({"model": resolved["name"], "weights": resolved["weights"], "size": resolved["size"],
+                   "method": args.method, "results": records}, sys.stdout, indent=1)
+        print()
+    if failures:
+        if len(args.images) > 1:
+            _print_error(f"{failures} of {len(args.images)} images could not be read")
+        return 1
+    return 0
+
+
 # info ------------------------------------------------------------------------
 
 
@@ -670,13 +789,15 @@ def build_parser():
     _add_model_arguments(evaluate, batch_size=32)
     evaluate.set_defaults(handler=_evaluate)
 
+    explain = commands.add_parser("explain", help="pictures of the class-activation and global-attention maps")
+    _add_explain_arguments(explain)
+
     info = commands.add_parser("info", help="variants, parameter counts, official weights and cache")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.set_defaults(handler=_info)
 
     for name, help_text in (("convert", "convert official/timm checkpoints to Keras weights"),
-                            ("benchmark", "measure inference speed"),
-                            ("explain", "pictures of the class-activation and global-attention maps")):
+                            ("benchmark", "measure inference speed")):
         delegate = _delegate(name)
         sub = commands.add_parser(name, help=help_text)
         if delegate is None:
