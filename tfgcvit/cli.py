@@ -293,6 +293,28 @@ def _prepared_batches(items, batch_size, prepare, workers):
             current, pending = following, ahead
 
 
+def _top_predictions(image_path, probabilities, best, names, as_json):
+    """The top-k records of one image; printed as text unless the output is JSON."""
+    predictions = [{"index": int(i), "label": names[i], "probability": float(probabilities[i])} for i in best]
+    if not as_json:
+        print(image_path)
+        for rank, prediction in enumerate(predictions, 1):
+            print(f"  {rank}. {prediction['probability']:.4f}  {prediction['label']}")
+    return predictions
+
+
+def _finish(args, header, records, failures):
+    """Prints the JSON report (when asked) and the failure summary; returns the exit code."""
+    if args.json:
+        json.dump({**header, "results": records}, sys.stdout, indent=1)
+        print()
+    if failures:
+        if len(args.images) > 1:
+            _print_error(f"{failures} of {len(args.images)} images could not be read")
+        return 1
+    return 0
+
+
 def _predict(args):
     from tfgcvit.images import evaluation_transform, load_image
 
@@ -317,22 +339,10 @@ def _predict(args):
                 records.append({"image": path, "error": message})
                 continue
             row, best = next(rows)
-            predictions = [{"index": int(i), "label": names[i], "probability": float(row[i])} for i in best]
-            records.append({"image": path, "predictions": predictions})
-            if not args.json:
-                print(path)
-                for rank, prediction in enumerate(predictions, 1):
-                    print(f"  {rank}. {prediction['probability']:.4f}  {prediction['label']}")
-    if args.json:
-        json.dump({"model": resolved["name"], "weights": resolved["weights"], "size": resolved["size"],
-                   "crop_pct": resolved["crop_pct"], "crop_mode": resolved["crop_mode"],
-                   "results": records}, sys.stdout, indent=1)
-        print()
-    if failures:
-        if len(args.images) > 1:
-            _print_error(f"{failures} of {len(args.images)} images could not be read")
-        return 1
-    return 0
+            records.append({"image": path, "predictions": _top_predictions(path, row, best, names, args.json)})
+    header = {"model": resolved["name"], "weights": resolved["weights"], "size": resolved["size"],
+              "crop_pct": resolved["crop_pct"], "crop_mode": resolved["crop_mode"]}
+    return _finish(args, header, records, failures)
 
 
 # evaluate --------------------------------------------------------------------
@@ -578,12 +588,8 @@ def _report(image_path, path, result, names, as_json):
     from tfgcvit.explain import TOP
 
     best = _top_indices(result["probabilities"], TOP)
-    predictions = [{"index": int(i), "label": names[i], "probability": float(result["probabilities"][i])}
-                   for i in best]
+    predictions = _top_predictions(image_path, result["probabilities"], best, names, as_json)
     if not as_json:
-        print(image_path)
-        for rank, prediction in enumerate(predictions, 1):
-            print(f"  {rank}. {prediction['probability']:.4f}  {prediction['label']}")
         print(f"  -> {path} ({result['method']} of {names[result['class_index']]})")
     return {"image": image_path, "output": path, "predictions": predictions,
             "class": {"index": result["class_index"], "label": names[result["class_index"]]},
@@ -630,15 +636,9 @@ def _explain(args):
             except OSError as error:
                 raise CommandError(f"cannot write {path}: {error}") from None
             records.append(_report(image_path, path, result, names, args.json))
-    if args.json:
-        json.dump({"model": resolved["name"], "weights": resolved["weights"], "size": resolved["size"],
-                   "method": args.method, "results": records}, sys.stdout, indent=1)
-        print()
-    if failures:
-        if len(args.images) > 1:
-            _print_error(f"{failures} of {len(args.images)} images could not be read")
-        return 1
-    return 0
+    header = {"model": resolved["name"], "weights": resolved["weights"], "size": resolved["size"],
+              "method": args.method}
+    return _finish(args, header, records, failures)
 
 
 # info ------------------------------------------------------------------------
