@@ -62,8 +62,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _print_error(message):
-    # Exceptions from libraries can span lines; the contract is one line.
-    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    # Exceptions from libraries can span lines; the contract is one line, on a
+    # line of its own even while a progress bar is drawn.
+    from tqdm import tqdm
+
+    with tqdm.external_write_mode(file=sys.stderr):
+        print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
