@@ -12,11 +12,12 @@ Image sides must be multiples of 32: P5 upsampled 8x must match P2, and the
 output is P2 upsampled 4x.
 
 Examples:
-    python examples/segmentation.py --steps 300                             # mini GC ViT, CPU
+    python examples/segmentation.py --epochs 10                             # mini GC ViT, CPU
     python examples/segmentation.py --variant tiny --weights imagenet --image-size 512 512
 """
 
 import argparse
+import time
 
 import keras
 import keras_hub
@@ -57,17 +58,8 @@ def mean_iou(truth, predicted, num_classes):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    synthetic_shapes.add_common_arguments(parser, image_size=[128, 128], steps=300)
+    synthetic_shapes.add_common_arguments(parser, image_size=[128, 128], epochs=10)
     return parser.parse_args(argv)
-
-
-def training_batches(data, batch_size, seed):
-    """Endless random batches (images, masks) from the training set."""
-    rng = np.random.default_rng(seed)
-    images = synthetic_shapes.normalize(data["images"])
-    while True:
-        index = rng.choice(len(images), batch_size, replace=False)
-        yield images[index], data["masks"][index]
 
 
 def main(argv=None):
@@ -85,12 +77,16 @@ def main(argv=None):
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       metrics=[keras.metrics.SparseCategoricalAccuracy()], run_eagerly=args.run_eagerly)
 
-    batches = training_batches(train, args.batch_size, args.seed)
-    history, seconds = synthetic_shapes.train(segmenter, batches, args.steps, args.log_every)
+    start = time.time()
+    history = segmenter.fit(synthetic_shapes.normalize(train["images"]), train["masks"],
+                            batch_size=args.batch_size, epochs=args.epochs, verbose=2)
+    seconds = time.time() - start
+    steps = args.epochs * -(-args.train_images // args.batch_size)
 
-    logits = segmenter.predict(synthetic_shapes.normalize(test["images"]), batch_size=args.batch_size, verbose=0)
+    logits = segmenter.predict(synthetic_shapes.normalize(test["images"]), batch_size=args.batch_size,
+                               verbose=0)
     miou = mean_iou(test["masks"], np.argmax(logits, axis=-1), num_classes)
-    print(f"backend={keras.backend.backend()} steps={args.steps} train_seconds={seconds:.0f} "
+    print(f"backend={keras.backend.backend()} steps={steps} train_seconds={seconds:.0f} "
           f"loss {history.history['loss'][0]:.3f} -> {history.history['loss'][-1]:.3f} "
           f"held-out mIoU={miou:.3f} ({args.test_images} images, {num_classes} classes)")
     return {"model": segmenter, "history": history, "miou": miou, "train_seconds": seconds}

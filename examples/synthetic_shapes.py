@@ -1,4 +1,4 @@
-"""Shared by examples/detection.py and examples/segmentation.py: a synthetic dataset, the GC ViT encoder, training.
+"""Shared by examples/detection.py and examples/segmentation.py: a synthetic dataset and the GC ViT encoder.
 
 The dataset: coloured rectangles, ellipses and triangles on textured noise
 backgrounds, with a tight box, a class and a per-pixel mask for every shape.
@@ -6,8 +6,6 @@ A shape's class is its geometry only (colours are random), so a model has to
 learn shapes, not colours. Shapes do not overlap, so every box is exactly the
 extent of its visible mask.
 """
-
-import time
 
 import numpy as np
 
@@ -106,9 +104,10 @@ def build_image_encoder(variant="mini", weights=None, drop_path_rate=None):
     return GCViTBackbone(**{**config, **options})
 
 
-def add_common_arguments(parser, image_size, steps):
+def add_common_arguments(parser, image_size, epochs):
     """The command-line options both examples share."""
-    parser.add_argument("--variant", default="mini", help="'mini' (small, CPU) or an official variant, e.g. tiny")
+    parser.add_argument("--variant", default="mini",
+                        help="'mini' (small, for a CPU) or an official variant, e.g. tiny")
     parser.add_argument("--weights", default=None,
                         help="imagenet, imagenet21k, a GC ViT preset directory, or none (random)")
     parser.add_argument("--image-size", type=int, nargs=2, default=image_size, metavar=("HEIGHT", "WIDTH"),
@@ -116,20 +115,9 @@ def add_common_arguments(parser, image_size, steps):
     parser.add_argument("--train-images", type=int, default=256)
     parser.add_argument("--test-images", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=steps, help="training steps (batches)")
+    parser.add_argument("--epochs", type=int, default=epochs,
+                        help="passes over the training images (train-images / batch-size steps each)")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--log-every", type=int, default=25, help="steps per Keras epoch (one logged loss each)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--run-eagerly", action="store_true", help="no graph compilation: debugging, tiny runs")
-
-
-def train(model, batches, steps, log_every):
-    """`model.fit` on a generator of batches for `steps` steps (rounded down to a multiple of `log_every`).
-
-    Returns:
-        (history, training seconds).
-    """
-    log_every = min(log_every, steps)
-    start = time.time()
-    history = model.fit(batches, epochs=steps // log_every, steps_per_epoch=log_every, verbose=2)
-    return history, time.time() - start
+    parser.add_argument("--run-eagerly", action="store_true",
+                        help="no graph compilation: debugging, tiny runs")

@@ -35,7 +35,8 @@ def tiny_batch(height, width, seed=0):
     """Two noise images with one bright and one dark rectangle each: boxes, classes and masks."""
     rng = np.random.default_rng(seed)
     images = rng.normal(0, 0.5, (2, height, width, 3)).astype("float32")
-    boxes = np.array([[[8, 8, 56, 64], [64, 72, 120, 120]], [[16, 60, 80, 120], [70, 10, 118, 50]]], "float32")
+    boxes = np.array([[[8, 8, 56, 64], [64, 72, 120, 120]],
+                      [[16, 60, 80, 120], [70, 10, 118, 50]]], "float32")
     labels = np.array([[0, 1], [1, 0]], "int32")
     masks = np.zeros((2, height, width), "int32")
     for i in range(2):
