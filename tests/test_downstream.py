@@ -205,19 +205,7 @@ def test_frozen_stages_do_not_train():
 
 
 # ---------------------------------------------------------------------------
-# 6. Errors.
-
-
-def test_weights_for_other_depths_are_rejected_with_names(fixture_state_dict):
-    from tfgcvit import GCViT, load_torch_weights
-    from tfgcvit.weights import WeightsMismatchError
-
-    model = GCViT(**dict(FIXTURE_CONFIG, depths=(2, 2, 2, 2)))
-    with pytest.raises(WeightsMismatchError) as error:
-        load_torch_weights(model, fixture_state_dict)
-    message = str(error.value)
-    assert "not in the model: levels.2.blocks.2." in message
-    assert "same variant (embed_dim, depths, heads, window sizes)" in message
+# 6. Errors (the other construction and weight errors: tests/test_model.py).
 
 
 def test_weights_for_other_width_are_rejected_with_shapes(fixture_state_dict):
@@ -228,18 +216,6 @@ def test_weights_for_other_width_are_rejected_with_shapes(fixture_state_dict):
     with pytest.raises(WeightsMismatchError,
                        match=r"shape mismatches: patch_embed\.proj\.weight: checkpoint \(16, 3, 3, 3\)"):
         load_torch_weights(model, fixture_state_dict)
-
-
-@pytest.mark.parametrize("window_size, match", [
-    ((7, 7, 14), "4 positive integers"),
-    ((7, 0, 14, 7), "4 positive integers"),
-    ((7, 7, 14, -7), "4 positive integers"),
-])
-def test_invalid_window_sizes_fail_at_construction(window_size, match):
-    from tfgcvit import GCViT
-
-    with pytest.raises(ValueError, match=match):
-        GCViT(**dict(TINY, window_size=window_size), input_shape=(SIZE, SIZE, 3))
 
 
 @pytest.mark.backends

@@ -299,9 +299,10 @@ class TestBadInput:
         with pytest.raises(FileNotFoundError, match="does not exist"):
             tfgcvit.GCViTXXTiny(weights=str(tmp_path / "nope.pth"))
 
-    @pytest.mark.parametrize("window_size", [(7, 7, 14), 7, (7, 7, 14.5, 7), ("7", 7, 14, 7), (7, 0, 14, 7)])
+    @pytest.mark.parametrize("window_size", [(7, 7, 14), 7, (7, 7, 14.5, 7), ("7", 7, 14, 7), (7, 0, 14, 7),
+                                             (7, 7, 14, -7)])
     def test_bad_window_size(self, window_size):
-        with pytest.raises(ValueError, match="window_size"):
+        with pytest.raises(ValueError, match="`window_size` must be 4 positive integers"):
             GCViT(**dict(SMALL, window_size=window_size))
 
     def test_heads_must_divide_channels(self):
@@ -316,7 +317,9 @@ class TestBadInput:
         model = GCViT(**dict(FIXTURE_CONFIG, depths=(2, 2, 2, 2)))
         with pytest.raises(tfgcvit.weights.WeightsMismatchError) as error:
             tfgcvit.load_torch_weights(model, fixture_state_dict)
-        assert "levels.2.blocks.2" in str(error.value) and "not in the model" in str(error.value)
+        message = str(error.value)
+        assert "not in the model: levels.2.blocks.2." in message
+        assert "same variant (embed_dim, depths, heads, window sizes)" in message
 
     def test_wrong_head_size_names_the_shape(self, fixture_state_dict):
         model = GCViT(**dict(FIXTURE_CONFIG, classes=7))
