@@ -1,5 +1,6 @@
 """Every GC ViT layer through the shared harness (tests/layer_harness.py), on every backend."""
 
+import keras
 import numpy as np
 import pytest
 
@@ -40,7 +41,14 @@ CASES = {
 }
 
 
+# JAX compiles every case's training step (the longest part of the JAX run); its
+# composite layers run every other layer inside them, so it checks these only.
+ON_JAX = ("PatchEmbed", "ReduceSize", "WindowAttention-global", "GCViTBlock-global-padded", "GCViTLevel")
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_layer(case, tmp_path):
+    if keras.backend.backend() == "jax" and case not in ON_JAX:
+        pytest.skip("on JAX inside the composite layers' cases (see ON_JAX)")
     factory, shape, constants = CASES[case]
     check_layer(factory, shape, constants, tmp_path)
