@@ -20,7 +20,6 @@ import os
 import secrets
 import socket
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request

@@ -40,9 +40,6 @@ map becomes zeros). With random or fixture weights they show the model's
 structure (windows, borders, textures), not semantics.
 """
 
-import json
-import os
-import sys
 import weakref
 
 import numpy as np

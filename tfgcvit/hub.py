@@ -166,8 +166,7 @@ class GCViTBackbone(keras_hub.models.FeaturePyramidBackbone):
 
     def load_weights(self, filepath, *args, **kwargs):
         """Keras' `load_weights`, with one clear error for a wrong input channel count or file."""
-        if self.image_shape[-1] != 3:
-            check_image_shape(self.image_shape, pretrained=True)
+        check_image_shape(self.image_shape, pretrained=True)
         _load_weights_file(super().load_weights, filepath, *args, **kwargs)
 
     @classmethod
