@@ -7,6 +7,7 @@ the same thread count, and are timed in interleaved rounds.
 
 Usage (from the repository root):
     .venv/bin/python bench/compare_cpu.py                 # the full suite
+    .venv/bin/python bench/compare_cpu.py --suite user    # predict_on_batch, the issue-12 targets
     .venv/bin/python bench/compare_cpu.py --suite quick   # a short check
     .venv/bin/python bench/compare_cpu.py --suite paths   # inference paths
     .venv/bin/python bench/compare_cpu.py --model tiny --batch-size 8 \
@@ -42,7 +43,11 @@ LABELS = {
     "keras-jax": "this port, Keras 3 JAX",
     "keras-torch": "this port, Keras 3 PyTorch",
     "timm": "timm, PyTorch",
+    "onnx-ours": "this port, Keras model.export(format='onnx')",
+    "onnx-ours224": "this port, Keras model.export(format='onnx'), input 224x224",
+    "onnx-timm": "timm, torch.onnx.export",
 }
+ONNX_DIR = os.path.join(ROOT, "bench", "out", "onnx")
 
 SUITES = {
     # (group name, model, batch, size, implementations)
@@ -55,6 +60,23 @@ SUITES = {
         ("xxtiny-b8-224", "xxtiny", 8, 224, ["seed", "keras-tensorflow", "keras-jax", "timm"]),
         ("small-b8-224", "small", 8, 224, ["seed", "keras-tensorflow", "keras-jax", "timm"]),
         ("base-b8-224", "base", 8, 224, ["seed", "keras-tensorflow", "keras-jax", "timm"]),
+    ],
+    # What a user runs: Keras models through predict_on_batch, timm eager (the issue-12 targets).
+    "user": [
+        ("user-tiny-b8-224", "tiny", 8, 224,
+         ["seed:predict", "keras-tensorflow:predict", "keras-jax:predict", "keras-torch:predict",
+          "timm"]),
+        ("user-tiny-b1-224", "tiny", 1, 224,
+         ["seed:predict", "keras-tensorflow:predict", "keras-jax:predict", "keras-torch:predict",
+          "timm"]),
+        ("user-tiny-b8-256", "tiny", 8, 256, ["seed:predict", "keras-tensorflow:predict"]),
+    ],
+    # Deployment: Keras' own ONNX export against timm's torch.onnx.export, in two runtimes.
+    "onnx": [
+        (f"onnx-tiny-b{batch}-224", "tiny", batch, 224,
+         ["onnx-timm:onnxruntime", "onnx-ours:onnxruntime", "onnx-ours224:onnxruntime",
+          "onnx-timm:openvino", "onnx-ours:openvino", "onnx-ours224:openvino"])
+        for batch in (1, 8)
     ],
     "quick": [
         ("tiny-b8-224", "tiny", 8, 224, ["seed", "keras-tensorflow", "timm"]),
@@ -83,7 +105,17 @@ def export_tree(ref, out_dir):
     return folder
 
 
-def make_impl(spec, dtype, out_dir, hide_jax=True):
+def ensure_onnx_files(model):
+    """Writes ours-MODEL.onnx and timm-MODEL.onnx (bench/onnx_export.py) unless both exist."""
+    files = [os.path.join(ONNX_DIR, f"{side}-{model}.onnx") for side in ("ours", "ours224", "timm")]
+    if not all(os.path.exists(path) for path in files):
+        print(f"exporting the ONNX files of GCViT-{model} ...", flush=True)
+        subprocess.check_call([VENV_PYTHON, os.path.join(ROOT, "bench", "onnx_export.py"),
+                               "--model", model, "--out", ONNX_DIR])
+    return files
+
+
+def make_impl(spec, dtype, out_dir, hide_jax=True, model="tiny"):
     """An `Impl` from "name[:path][@tree]".
 
     Examples: "keras-tensorflow:xla"; "keras-tensorflow@HEAD~1" runs the package
@@ -109,6 +141,12 @@ def make_impl(spec, dtype, out_dir, hide_jax=True):
         return Impl(spec, label, VENV_PYTHON, ["--impl", "keras", *args], env=env)
     if name == "seed":
         return Impl(spec, label, SEED_PYTHON, ["--impl", "seed", *args])
+    if name in ("onnx-ours", "onnx-ours224", "onnx-timm"):
+        side = name[len("onnx-"):]
+        layout = "nchw" if side == "timm" else "nhwc"
+        return Impl(spec, label, VENV_PYTHON, ["--impl", "onnx", "--onnx-file",
+                                               os.path.join(ONNX_DIR, f"{side}-{model}.onnx"),
+                                               "--layout", layout, *args])
     if name == "timm":
         return Impl(spec, label, VENV_PYTHON, ["--impl", "timm", *args])
     if name.startswith("keras-"):
@@ -197,7 +235,9 @@ def main(argv=None):
                 f"worker; {args.dtype}; {args.rounds} interleaved rounds, medians; "
                 f"load average before: {payload['load_before']}", ""]
     for name, model, batch, size, specs in groups:
-        impls = [make_impl(spec, args.dtype, args.out_dir, not args.jax_visible) for spec in specs]
+        if any(spec.startswith("onnx-") for spec in specs):
+            ensure_onnx_files(model)
+        impls = [make_impl(spec, args.dtype, args.out_dir, not args.jax_visible, model) for spec in specs]
         common = ["--model", model, "--batch-size", str(batch), "--height", str(size),
                   "--width", str(size), "--threads", str(args.threads),
                   "--warmup", str(args.warmup)]
@@ -205,8 +245,8 @@ def main(argv=None):
                           sample_seconds=args.sample_seconds)
         group.update(model=model, batch_size=batch, size=size)
         payload["groups"][name] = group
-        reference = next((s for s in specs if s.startswith("seed")), None)
-        secondary = "timm" if "timm" in specs else None
+        reference = next((s for s in specs if s.startswith(("seed", "onnx-timm:onnxruntime"))), None)
+        secondary = next((s for s in specs if s in ("timm", "onnx-timm:openvino")), None)
         table = markdown_table(group, reference, secondary, PEAK_GFLOPS)
         sections += [f"## GCViT-{model}, batch {batch}, {size}x{size}", "", table, ""]
         print("\n" + table + "\n", flush=True)
@@ -258,10 +298,40 @@ def check_targets(groups):
         a = ours["ready"]["time_to_first_output_seconds"]
         b = seed["ready"]["time_to_first_output_seconds"]
         rows.append(("constructor to first prediction <= original", f"{a:.1f} vs {b:.1f} s", a <= b))
+    rows += _user_path_targets(ratio, result)
     if "achieved_gflop_per_second" in ours:
         g = ours["achieved_gflop_per_second"]
         rows.append(("fraction of the CPU ceiling (report)",
                      f"{g:.1f} GFLOP/s = {100 * g / PEAK_GFLOPS:.0f}% of {PEAK_GFLOPS:g}", True))
+    return rows
+
+
+def _user_path_targets(ratio, result):
+    """Issue 12's targets, on the user's path (`--suite user`: predict_on_batch, timm eager)."""
+    rows = []
+    tf, seed = "keras-tensorflow:predict", "seed:predict"
+    for group, label, goal in (("user-tiny-b8-224", "TF batch 8 throughput >= 1.45x original", 1.45),
+                               ("user-tiny-b8-256", "TF 256x256 batch 8 throughput >= 1.6x original", 1.6)):
+        r = ratio(group, tf, seed)
+        if r is not None:
+            rows.append((label, f"{r:.2f}x", r >= goal))
+    for other, label, goal in ((seed, "original", 0.7), ("timm", "timm eager", 0.9)):
+        r = ratio("user-tiny-b1-224", tf, other)
+        if r is not None:
+            rows.append((f"TF batch 1 latency <= {goal}x {label}", f"{1 / r:.2f}x", 1 / r <= goal))
+    for backend in ("jax", "torch"):
+        key = f"keras-{backend}:predict"
+        r = ratio("user-tiny-b8-224", key, "timm")
+        if r is not None:
+            rows.append((f"{backend} batch 8 throughput >= timm eager", f"{r:.2f}x", r >= 1.0))
+        r = ratio("user-tiny-b1-224", key, "timm")
+        if r is not None:
+            rows.append((f"{backend} batch 1 latency <= 1.1x timm eager", f"{1 / r:.2f}x", 1 / r <= 1.1))
+    ours, original = result("user-tiny-b8-224", tf), result("user-tiny-b8-224", seed)
+    if "peak_rss_mib" in ours and "peak_rss_mib" in original:
+        rows.append(("TF peak RSS at batch 8 <= original",
+                     f"{ours['peak_rss_mib']:.0f} vs {original['peak_rss_mib']:.0f} MiB",
+                     ours["peak_rss_mib"] <= original["peak_rss_mib"]))
     return rows
 
 

@@ -19,6 +19,9 @@ Implementations (`--impl`):
   `xla` (tf.function(jit_compile=True)), `predict` (predict_on_batch).
 - `timm`: timm's GC ViT in PyTorch; paths `eager` (torch.no_grad) and
   `compile` (torch.compile); `--autocast bfloat16` and `--tf32` for GPUs.
+- `onnx`: an ONNX file (`--onnx-file`, from `bench/onnx_export.py`) in a
+  runtime: paths `onnxruntime` (CPU provider) and `openvino` (CPU device);
+  `--layout nchw` for timm's file.
 
 Every implementation gets the same input: standard normal NHWC images from
 `numpy.random.default_rng(seed)`, transposed to NCHW for timm.
@@ -46,6 +49,17 @@ TIMM_NAMES = {"xxtiny": "gcvit_xxtiny", "nano": "gcvit_xxtiny", "xtiny": "gcvit_
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def peak_rss_mib():
+    """Peak resident memory of this process in MiB (Linux: ru_maxrss is in KiB).
+
+    Computed here, not by `tfgcvit.benchmark`: the original port's worker runs
+    where `tfgcvit` is the 2.0.4 package, which cannot load this checkout's module.
+    """
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @functools.cache
@@ -89,6 +103,7 @@ def build_seed(args, x):
 
 def build_keras(args, x):
     """This repository's model on the Keras backend of $KERAS_BACKEND."""
+    import tfgcvit  # noqa: F401  (first, as a user's `import tfgcvit`: it keeps JAX out of TF processes)
     import keras
 
     from tfgcvit.model import get_constructor
@@ -150,9 +165,49 @@ def build_timm(args, x):
     return start, sum(p.numel() for p in model.parameters()), run, versions
 
 
+def build_onnx(args, x):
+    """An ONNX file in onnxruntime or OpenVINO, with the worker's thread count."""
+    inp = np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if args.layout == "nchw" else x
+    start = time.perf_counter()
+    if args.path == "onnxruntime":
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        if args.threads:
+            options.intra_op_num_threads = args.threads
+            options.inter_op_num_threads = 1
+        session = onnxruntime.InferenceSession(args.onnx_file, options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        run = lambda: session.run(None, {name: inp})[0]
+        versions = {"onnxruntime": onnxruntime.__version__}
+    elif args.path == "openvino":
+        import openvino
+
+        core = openvino.Core()
+        # OpenVINO computes in bfloat16 by default on CPUs that have it; --dtype says which.
+        precision = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}[args.dtype]
+        config = {"INFERENCE_PRECISION_HINT": precision}
+        if args.threads:
+            config["INFERENCE_NUM_THREADS"] = args.threads
+        compiled = core.compile_model(args.onnx_file, "CPU", config)
+        request = compiled.create_infer_request()
+        run = lambda: request.infer({0: inp})[compiled.output(0)]
+        versions = {"openvino": openvino.__version__,
+                    "precision": str(compiled.get_property("INFERENCE_PRECISION_HINT"))}
+    else:
+        raise SystemExit(f"unknown ONNX runtime {args.path!r}: use onnxruntime or openvino")
+    import onnx
+
+    model = onnx.load(args.onnx_file)
+    params = sum(int(np.prod(tensor.dims)) for tensor in model.graph.initializer)
+    return start, params, run, versions
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--impl", choices=("keras", "seed", "timm"), required=True)
+    parser.add_argument("--impl", choices=("keras", "seed", "timm", "onnx"), required=True)
+    parser.add_argument("--onnx-file", default=None, help="onnx: the file to run")
+    parser.add_argument("--layout", choices=("nhwc", "nchw"), default="nhwc", help="onnx: input layout")
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--height", type=int, default=224)
@@ -174,7 +229,7 @@ def main():
         sys.modules["jax"] = None
     args.gflop = None
     if args.path is None:
-        args.path = {"seed": "function", "timm": "eager"}.get(args.impl)
+        args.path = {"seed": "function", "timm": "eager", "onnx": "onnxruntime"}.get(args.impl)
 
     # Keep the protocol channel clean: anything a library prints goes to stderr.
     protocol = os.fdopen(os.dup(1), "w", buffering=1)
@@ -187,7 +242,7 @@ def main():
     t_import = time.perf_counter()
     rng = np.random.default_rng(args.seed)
     x = rng.standard_normal((args.batch_size, args.height, args.width, 3), dtype=np.float32)
-    builder = {"seed": build_seed, "keras": build_keras, "timm": build_timm}[args.impl]
+    builder = {"seed": build_seed, "keras": build_keras, "timm": build_timm, "onnx": build_onnx}[args.impl]
     start, params, run, versions = builder(args, x)
     # `start` is taken just before the constructor call, after the imports.
     output = run()
@@ -218,7 +273,7 @@ def main():
                 times.append(time.perf_counter() - t0)
             send({"times": times})
         elif command[0] == "info":
-            send({"peak_rss_mib": benchmark_module().peak_rss_mib()})
+            send({"peak_rss_mib": peak_rss_mib()})
         else:
             send({"error": f"unknown command {command[0]!r}"})
     return 0

@@ -53,7 +53,7 @@ DTYPES = ("float32", "mixed_bfloat16", "mixed_float16")
 PATHS = {
     "tensorflow": ("xla", "function", ("xla", "function", "predict", "eager")),
     "jax": ("jit", "jit", ("jit", "predict")),
-    "torch": ("compile", "eager", ("eager", "compile", "predict")),
+    "torch": ("compile", "eager", ("eager", "compile", "predict", "predict-compiled")),
 }
 # Default path per backend when neither --jit nor --no-jit nor --path is given.
 DEFAULT_PATHS = {"tensorflow": "function", "jax": "jit", "torch": "eager"}
@@ -202,7 +202,10 @@ def _make_runner(model, backend, path, x):
     """
     import keras
 
-    if path == "predict":
+    if path in ("predict", "predict-compiled"):
+        if path == "predict-compiled":
+            # Keras' own compiled execution on PyTorch: predict_step under torch.compile.
+            model.compile(jit_compile=True)
         return (lambda inp: np.asarray(model.predict_on_batch(inp))), x
 
     if backend == "tensorflow":
