@@ -73,8 +73,8 @@ print(json.dumps(dict(seconds=seconds, baseline=baseline, peak=peak, hwm=hwm, we
 
 def official_shapes(variant):
     """Official (PyTorch) tensor names and shapes of a variant, derived from the Keras model."""
-    from tfgcvit.model import get_constructor
-    from tfgcvit.weights import CONV, DENSE, DEPTHWISE, keras_weight_table
+    from tfgcvit.model.gcvit import get_constructor
+    from tfgcvit.weights.mapping import CONV, DENSE, DEPTHWISE, keras_weight_table
 
     model = get_constructor(variant)(weights=None)
     shapes = {}

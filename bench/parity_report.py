@@ -41,7 +41,7 @@ def timm_parity(variants):
     from test_parity_timm import TIMM_CONFIGS, build_timm
 
     from tfgcvit import load_torch_weights
-    from tfgcvit.model import CONSTRUCTORS
+    from tfgcvit.model.gcvit import CONSTRUCTORS
 
     for variant in variants:
         _, size, batch = TIMM_CONFIGS[variant]

@@ -24,7 +24,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tfgcvit.benchmark import _make_runner, choose_path  # noqa: E402
-from tfgcvit.model import get_constructor  # noqa: E402
+from tfgcvit.model.gcvit import get_constructor  # noqa: E402
 
 
 def sub_models(model):

@@ -31,7 +31,7 @@ try:
 except ImportError:  # older layouts
     from tensorflow.tsl.profiler.protobuf import xplane_pb2  # noqa: E402
 
-from tfgcvit.model import get_constructor  # noqa: E402
+from tfgcvit.model.gcvit import get_constructor  # noqa: E402
 
 # Trace events that are bookkeeping, not kernels.
 SKIP = re.compile(r"^(ThreadpoolListener|ExecutorState|EagerExecute|TFE_|ReadVariableOp|"

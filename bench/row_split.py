@@ -1,14 +1,14 @@
 """Whole versus row-halved dense layers on TensorFlow, at GCViT-Tiny's MLP shapes.
 
-The evidence for `tfgcvit.layers.ROW_SPLIT_MAX_ROWS`: a chain of 19 residual
+The evidence for `tfgcvit.model.layers.ROW_SPLIT_MAX_ROWS`: a chain of 19 residual
 MLP blocks (C -> 3C, exact GELU, 3C -> C, each with bias) inside one
 `tf.function`, run on the whole (rows, C) matrix or as two row halves that are
-concatenated, as `tfgcvit.layers._by_row_halves` does. Rows and channels are
+concatenated, as `tfgcvit.model.layers._by_row_halves` does. Rows and channels are
 those of GCViT-Tiny's stages at batch 1 and 8 (224x224).
 
 Usage (from the repository root; about 3 minutes):
     .venv/bin/python bench/row_split.py
-    # other thread counts / CPUs, a few shapes (the tuning decision in tfgcvit.tuning):
+    # other thread counts / CPUs, a few shapes (the tuning decision in tfgcvit.model.tuning):
     taskset -c 0 .venv/bin/python bench/row_split.py --threads 0 --shapes 196x256,784x128
     .venv/bin/python bench/row_split.py --threads 4 --inter-threads 4 --shapes 196x256
 """

@@ -1,8 +1,8 @@
 """GCViT-Tiny (random weights, 224x224) traced with the row halves forced on, off and "auto".
 
-One process, one model, three `tf.function` traces under `tfgcvit.tuning.setting`,
+One process, one model, three `tf.function` traces under `tfgcvit.model.tuning.setting`,
 timed in interleaved rounds (order reversed every other round), so the three
-share the machine's drifts. "auto" is whatever `tfgcvit.tuning` decides here.
+share the machine's drifts. "auto" is whatever `tfgcvit.model.tuning` decides here.
 
 Usage (from the repository root):
     .venv/bin/python bench/tuning_ab.py --batch 1
@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 
 import tfgcvit  # noqa: E402  (before TensorFlow: keeps JAX out)
 import tensorflow as tf  # noqa: E402
-from tfgcvit import tuning  # noqa: E402
+from tfgcvit.model import tuning  # noqa: E402
 
 MODES = ("on", "off", "auto")
 

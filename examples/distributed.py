@@ -60,7 +60,7 @@ def build_classifier(args, num_classes):
     import keras
 
     import tfgcvit
-    from tfgcvit.model import get_constructor
+    from tfgcvit.model.gcvit import get_constructor
 
     options = dict(include_top=False, pooling="avg", weights=args.weights, path_drop=args.path_drop,
                    input_shape=(args.image_size, args.image_size, 3))

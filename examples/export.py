@@ -20,7 +20,7 @@ import numpy as np
 
 import tfgcvit
 from tfgcvit.export import BACKENDS, export_model
-from tfgcvit.model import get_constructor
+from tfgcvit.model.gcvit import get_constructor
 
 MINI = dict(window_size=(7, 7, 14, 7), embed_dim=16, depths=(2, 2, 3, 2), num_heads=(1, 2, 4, 8),
             mlp_ratio=3, layer_scale=1e-5, classes=10)

@@ -22,7 +22,7 @@ import keras
 import numpy as np
 
 import tfgcvit
-from tfgcvit.model import get_constructor
+from tfgcvit.model.gcvit import get_constructor
 
 # A tiny architecture for smoke tests: the one of the repository's test
 # checkpoint (shared/fixtures/custom_224.pth.tar), whose weights it can load.

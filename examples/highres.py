@@ -19,7 +19,7 @@ import keras
 import numpy as np
 
 import tfgcvit
-from tfgcvit.model import VARIANTS, get_constructor
+from tfgcvit.model.gcvit import VARIANTS, get_constructor
 
 # The architecture of the repository's test checkpoint (shared/fixtures/custom_224.pth.tar).
 MINI = dict(embed_dim=16, depths=(2, 2, 3, 2), num_heads=(1, 2, 4, 8), mlp_ratio=3,
@@ -39,10 +39,10 @@ def windows_for(size):
 def read_state_dict(variant, weights):
     """The 224 weights as a PyTorch-layout state dict (official names)."""
     if weights in ("imagenet", "imagenet21k"):
-        from tfgcvit.pretrained import pretrained_state_dict
+        from tfgcvit.weights.pretrained import pretrained_state_dict
 
         return pretrained_state_dict(variant, weights)
-    from tfgcvit.checkpoint import read_checkpoint
+    from tfgcvit.weights.checkpoint import read_checkpoint
 
     return read_checkpoint(weights)
 
@@ -74,7 +74,7 @@ def main(argv=None):
     args = parse_args(argv)
     model = build_highres(args.variant, args.size, args.weights)
     if args.images:
-        from tfgcvit.images import evaluation_transform, load_image
+        from tfgcvit.data.images import evaluation_transform, load_image
 
         # The official 384/512 models squash the whole image to size x size.
         pixels = np.stack([evaluation_transform(load_image(path), args.size, crop_pct=1.0,

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from tfgcvit import benchmark
-from tfgcvit.model import VARIANTS
+from tfgcvit.model.gcvit import VARIANTS
 
 
 def test_json_report_is_sane():

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tfgcvit import checkpoint as checkpoint_module
-from tfgcvit.checkpoint import CheckpointError, read_checkpoint
+from tfgcvit.weights import checkpoint as checkpoint_module
+from tfgcvit.weights.checkpoint import CheckpointError, read_checkpoint
 from weights_helpers import (
     CHECKPOINT_FIXTURE,
     craft_torch_zip,
@@ -30,7 +30,7 @@ def test_fixture_logits_match_golden_without_torch():
     result = run_without_torch(f"""
         import numpy as np
         import tfgcvit
-        from tfgcvit.pretrained import load_weights
+        from tfgcvit.weights.pretrained import load_weights
         from weights_helpers import FIXTURE_MODEL_CONFIG, GOLDEN_FIXTURE, tolerance
 
         golden = np.load(GOLDEN_FIXTURE)
@@ -496,7 +496,7 @@ def test_reader_module_imports_no_torch():
     result = subprocess.run(
         [__import__("sys").executable, "-c",
          "import sys, importlib.util\n"
-         "spec = importlib.util.spec_from_file_location('checkpoint', 'tfgcvit/checkpoint.py')\n"
+         "spec = importlib.util.spec_from_file_location('checkpoint', 'tfgcvit/weights/checkpoint.py')\n"
          "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
          "module.read_checkpoint(sys.argv[1])\n"
          "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'keras', 'tensorflow')))",

@@ -62,7 +62,7 @@ def reference_probabilities(model, images):
 
 
 def official_inputs(paths):
-    from tfgcvit.images import evaluation_transform, load_image
+    from tfgcvit.data.images import evaluation_transform, load_image
 
     return [evaluation_transform(load_image(path), SIZE, CROP_PCT, "center") for path in paths]
 
@@ -259,7 +259,7 @@ def test_evaluate_reports_a_broken_file_and_scores_the_rest(runs):
 
 
 def test_evaluate_seed_protocol_with_limit(data, fixture_model, capsys):
-    from tfgcvit.images import decode_like_tensorflow, seed_port_transform
+    from tfgcvit.data.images import decode_like_tensorflow, seed_port_transform
 
     code = main(["evaluate", str(data["dataset"]), "--protocol", "seed", "--limit", "6", "--json", *CUSTOM])
     output = json.loads(capsys.readouterr().out)
@@ -343,12 +343,12 @@ def test_missing_argument_is_a_usage_error(runs):
 
 
 def test_info_lists_every_checkpoint_with_counted_parameters(data, capsys, monkeypatch):
-    from tfgcvit.model import VARIANTS
+    from tfgcvit.model.gcvit import VARIANTS
 
     monkeypatch.setenv("TFGCVIT_HOME", str(data["root"] / "home"))
     assert main(["info", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["variants"]
-    registry = json.loads((REPO / "tfgcvit" / "data" / "official_weights.json").read_text())["checkpoints"]
+    registry = json.loads((REPO / "tfgcvit" / "weights" / "official_weights.json").read_text())["checkpoints"]
     assert [(row["variant"], row["pretrain"], row["top1"]) for row in rows] == [
         (entry["variant"], entry["pretrain"], entry["top1"])
         for variant in VARIANTS for entry in registry if entry["variant"] == variant
@@ -363,7 +363,7 @@ def test_info_lists_every_checkpoint_with_counted_parameters(data, capsys, monke
 
 
 def test_parameter_count_matches_the_official_models():
-    from tfgcvit.model import VARIANTS
+    from tfgcvit.model.gcvit import VARIANTS
 
     for name, config in VARIANTS.items():
         counted = parameter_count(config["embed_dim"], config["depths"], config["num_heads"],

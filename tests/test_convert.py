@@ -12,7 +12,7 @@ import pytest
 import tfgcvit
 from tfgcvit import convert
 from tfgcvit.convert import UnknownVariantError, detect_variant
-from tfgcvit.weights import keras_weight_table, torch_to_keras_array
+from tfgcvit.weights.mapping import keras_weight_table, torch_to_keras_array
 from weights_helpers import (
     CHECKPOINT_FIXTURE,
     FileServer,

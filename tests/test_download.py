@@ -9,8 +9,8 @@ import threading
 
 import pytest
 
-from tfgcvit import download
-from tfgcvit.download import DownloadError, cache_dir, fetch, mirrored
+from tfgcvit.weights import download
+from tfgcvit.weights.download import DownloadError, cache_dir, fetch, mirrored
 from weights_helpers import REPO, FileServer
 
 PAYLOAD = os.urandom(3 * 1024 * 1024 + 17)
@@ -157,7 +157,7 @@ def test_mirror_url_and_directory(monkeypatch, tmp_path):
 _FETCH_IN_A_PROCESS = """
 import importlib.util, sys
 # download.py needs only the standard library: load it alone, without TensorFlow.
-spec = importlib.util.spec_from_file_location("download", "tfgcvit/download.py")
+spec = importlib.util.spec_from_file_location("download", "tfgcvit/weights/download.py")
 download = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(download)
 print(download.fetch(sys.argv[1], sha256=sys.argv[2]))

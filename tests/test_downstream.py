@@ -210,7 +210,7 @@ def test_frozen_stages_do_not_train():
 
 def test_weights_for_other_width_are_rejected_with_shapes(fixture_state_dict):
     from tfgcvit import GCViT, load_torch_weights
-    from tfgcvit.weights import WeightsMismatchError
+    from tfgcvit.weights.mapping import WeightsMismatchError
 
     model = GCViT(**dict(FIXTURE_CONFIG, embed_dim=32))
     with pytest.raises(WeightsMismatchError,

@@ -37,7 +37,7 @@ def restore_dtype_policy():
 
 def test_finetune_example_with_fixture_weights(tmp_path, restore_dtype_policy):
     finetune = load_example("finetune")
-    pytest.importorskip("tfgcvit.checkpoint")
+    pytest.importorskip("tfgcvit.weights.checkpoint")
     saved = tmp_path / "finetuned.keras"
     model, history = finetune.main([
         "--variant", "mini", "--weights", CHECKPOINT, "--image-size", "64", "--classes", "3",
@@ -54,9 +54,9 @@ def test_finetune_example_with_fixture_weights(tmp_path, restore_dtype_policy):
 
 def test_highres_example_resizes_fixture_tables():
     highres = load_example("highres")
-    pytest.importorskip("tfgcvit.checkpoint")
-    from tfgcvit.checkpoint import read_checkpoint
-    from tfgcvit.resize import resize_bias_table
+    pytest.importorskip("tfgcvit.weights.checkpoint")
+    from tfgcvit.weights.checkpoint import read_checkpoint
+    from tfgcvit.weights.resize import resize_bias_table
 
     assert highres.windows_for(384) == (12, 12, 24, 12) and highres.windows_for(224) == (7, 7, 14, 7)
     model, outputs = highres.main(["--variant", "mini", "--weights", CHECKPOINT, "--size", "192"])

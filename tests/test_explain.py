@@ -23,7 +23,7 @@ CUSTOM = ["--model", "custom", "--config", str(FIXTURES / "custom_224_config.jso
 
 
 def photo(height=224, width=224):
-    from tfgcvit.images import evaluation_transform, load_image
+    from tfgcvit.data.images import evaluation_transform, load_image
 
     image = evaluation_transform(load_image(CAT), max(height, width))
     return image[:height, :width]

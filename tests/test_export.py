@@ -164,7 +164,7 @@ def test_keras_own_onnx_export_runs_in_onnxruntime(dynamic_model, cases, tmp_pat
     onnx = pytest.importorskip("onnx")
     onnxruntime = pytest.importorskip("onnxruntime")
     pytest.importorskip("tf2onnx")
-    from tfgcvit import tuning
+    from tfgcvit.model import tuning
 
     path = tmp_path / "keras_own.onnx"
     with tuning.disabled():

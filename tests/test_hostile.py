@@ -2,7 +2,7 @@
 
 The command-line cases run the real command, `python -m tfgcvit`, in
 subprocesses (a FIFO with a timeout, a real SIGINT); peak memory is measured in
-child processes that import only `tfgcvit.images`. The limits are those of
+child processes that import only `tfgcvit.data.images`. The limits are those of
 docs/input_limits.md.
 """
 
@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tfgcvit import download
+from tfgcvit.weights import download
 from tfgcvit.cli import MAX_INPUT_SIZE, main
-from tfgcvit.images import (
+from tfgcvit.data.images import (
     ImageLoadError,
     center_crop,
     evaluation_transform,
@@ -171,7 +171,7 @@ def test_tensorflow_decoding_refuses_fifos_and_bomb_headers(inputs):
     # The seed protocol decodes with TensorFlow, which has no pixel limit of its own.
     import warnings
 
-    from tfgcvit.images import decode_like_tensorflow
+    from tfgcvit.data.images import decode_like_tensorflow
 
     assert "not a regular file" in _error_of(decode_like_tensorflow, inputs["fifo"])
     with warnings.catch_warnings():
@@ -180,7 +180,7 @@ def test_tensorflow_decoding_refuses_fifos_and_bomb_headers(inputs):
 
 
 def test_seed_protocol_refuses_extreme_aspect_ratios():
-    from tfgcvit.images import seed_port_transform
+    from tfgcvit.data.images import seed_port_transform
 
     with pytest.raises(ValueError, match=r"1x60000 pixels: an aspect ratio beyond 16:1"):
         seed_port_transform(np.zeros((60_000, 1, 3), np.uint8))
@@ -271,7 +271,7 @@ def test_region_resize_matches_timm_on_normal_images():
 
 PEAK_RSS_CHILD = """
 import sys
-from tfgcvit.images import evaluation_transform, load_image
+from tfgcvit.data.images import evaluation_transform, load_image
 assert "tensorflow" not in sys.modules
 result = evaluation_transform(load_image(sys.argv[1]), 224, 0.875)
 assert result.shape == (224, 224, 3)

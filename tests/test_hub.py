@@ -16,9 +16,10 @@ keras_hub = pytest.importorskip("keras_hub")
 import keras  # noqa: E402
 
 import tfgcvit  # noqa: E402
-from tfgcvit import hub, pretrained  # noqa: E402
+from tfgcvit import hub  # noqa: E402
+from tfgcvit.weights import pretrained  # noqa: E402
 from tfgcvit.convert import convert_to_preset  # noqa: E402
-from tfgcvit.weights import keras_weight_table, torch_to_keras_array  # noqa: E402
+from tfgcvit.weights.mapping import keras_weight_table, torch_to_keras_array  # noqa: E402
 
 FIXTURE_ARCHITECTURE = dict(embed_dim=16, depths=(2, 2, 3, 2), num_heads=(1, 2, 4, 8),
                             window_size=(7, 7, 14, 7), mlp_ratio=3.0, layer_scale=1e-5)

@@ -105,16 +105,20 @@ def test_retinanet_predict_at_non_window_size(detector):
     assert np.all(np.isfinite(detections["boxes"])) and np.all(detections["num_detections"] <= 100)
 
 
-@pytest.mark.backends
-def test_retinanet_keras_round_trip(detector, tmp_path):
-    model, _ = detector
-    path = tmp_path / "retinanet.keras"
+def _keras_round_trip(model, tmp_path, task_class):
+    """Saves a task model to .keras and loads it; returns (original, restored) raw outputs."""
+    path = tmp_path / "model.keras"
     model.save(path)
     restored = keras.saving.load_model(path)
-    assert isinstance(restored, keras_hub.models.RetinaNetObjectDetector)
+    assert isinstance(restored, task_class)
     assert isinstance(restored.backbone.image_encoder, GCViTBackbone)
     images, *_ = tiny_batch(*ODD_SIZE, seed=2)
-    expected, actual = numpy_tree(model(images)), numpy_tree(restored(images))
+    return numpy_tree(model(images)), numpy_tree(restored(images))
+
+
+@pytest.mark.backends
+def test_retinanet_keras_round_trip(detector, tmp_path):
+    expected, actual = _keras_round_trip(detector[0], tmp_path, keras_hub.models.RetinaNetObjectDetector)
     for name in ("bbox_regression", "cls_logits"):  # the head outputs, before box decoding
         np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
 
@@ -137,14 +141,8 @@ def test_deeplab_predict_at_non_window_size(segmenter):
 
 @pytest.mark.backends
 def test_deeplab_keras_round_trip(segmenter, tmp_path):
-    model, _ = segmenter
-    path = tmp_path / "deeplab.keras"
-    model.save(path)
-    restored = keras.saving.load_model(path)
-    assert isinstance(restored, keras_hub.models.DeepLabV3ImageSegmenter)
-    assert isinstance(restored.backbone.image_encoder, GCViTBackbone)
-    images, *_ = tiny_batch(*ODD_SIZE, seed=2)
-    np.testing.assert_array_equal(numpy_tree(restored(images)), numpy_tree(model(images)))
+    expected, actual = _keras_round_trip(segmenter[0], tmp_path, keras_hub.models.DeepLabV3ImageSegmenter)
+    np.testing.assert_array_equal(actual, expected)
 
 
 @pytest.mark.backends

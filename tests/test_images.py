@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tfgcvit.images import (
+from tfgcvit.data.images import (
     ImageLoadError,
     center_crop,
     decode_like_tensorflow,

@@ -6,7 +6,7 @@ import pytest
 
 from layer_harness import check_layer
 
-from tfgcvit import layers
+from tfgcvit.model import layers
 
 pytestmark = pytest.mark.backends
 
@@ -36,8 +36,9 @@ CASES = {
                                        path_drop=0.1, qk_scale=0.3, **kw),
         (2, 9, 10, 8), {"global_query": GLOBAL_QUERY}),
     "GCViTLevel": (
-        lambda **kw: layers.GCViTLevel(2, 2, 7, (True,), mlp_ratio=2.0, layer_scale=1e-5,
-                                       path_drop=[0.0, 0.1], **kw), (2, 14, 14, 8), None),
+        lambda **kw: layers.GCViTLevel(2, 2, 7, (True,), path_drop=[0.0, 0.1],
+                                       block_options={"mlp_ratio": 2.0, "layer_scale": 1e-5}, **kw),
+        (2, 14, 14, 8), None),
 }
 
 
@@ -52,3 +53,17 @@ def test_layer(case, tmp_path):
         pytest.skip("on JAX inside the composite layers' cases (see ON_JAX)")
     factory, shape, constants = CASES[case]
     check_layer(factory, shape, constants, tmp_path)
+
+
+def test_level_passes_its_block_options_to_every_block():
+    level = layers.GCViTLevel(2, 2, 7, (True,), path_drop=[0.0, 0.1],
+                              block_options={"mlp_ratio": 2.0, "qkv_bias": False, "layer_scale": 1e-5})
+    level.build((None, 14, 14, 8))
+    for block, rate in zip(level.blocks, [0.0, 0.1]):
+        assert (block.mlp_ratio, block.qkv_bias, block.layer_scale, block.path_drop) == (2.0, False, 1e-5, rate)
+        assert block.mlp.hidden_dim == 16
+
+
+def test_level_refuses_unknown_block_options():
+    with pytest.raises(ValueError, match=r"Unknown block_options \['mlp'\].*mlp_ratio"):
+        layers.GCViTLevel(2, 2, 7, (True,), block_options={"mlp": 2.0})

@@ -10,7 +10,7 @@ from conftest import FIXTURE_CONFIG, OFFICIAL_PARAMS, REFERENCE, tolerance
 
 import tfgcvit
 from tfgcvit import GCViT, feature_extractor
-from tfgcvit.model import CONSTRUCTORS, VARIANTS
+from tfgcvit.model.gcvit import CONSTRUCTORS, VARIANTS
 
 # A tiny configuration for fast structural tests.
 SMALL = dict(window_size=(7, 7, 14, 7), embed_dim=16, depths=(1, 2, 1, 1), num_heads=(1, 2, 4, 8),
@@ -29,7 +29,7 @@ def test_public_api_matches_original_port():
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_parameter_count_and_every_shape_match_official(variant):
-    from tfgcvit.weights import keras_weight_table
+    from tfgcvit.weights.mapping import keras_weight_table
 
     model = CONSTRUCTORS[variant](weights=None)
     assert model.count_params() == OFFICIAL_PARAMS[variant]
@@ -45,7 +45,7 @@ def test_parameter_count_and_every_shape_match_official(variant):
 
 
 def test_find_variant_prefers_exact_windows_then_ignores_them():
-    from tfgcvit.model import find_variant
+    from tfgcvit.model.gcvit import find_variant
 
     tiny = VARIANTS["tiny"]
     args = (tiny["embed_dim"], tiny["depths"], tiny["num_heads"])
@@ -115,8 +115,8 @@ def test_dynamic_batch(small_model):
 
 
 @pytest.mark.backends
-@pytest.mark.parametrize("rows", [1, tfgcvit.layers.ROW_SPLIT_MIN_ROWS, tfgcvit.layers.ROW_SPLIT_MIN_ROWS + 1,
-                                  197, tfgcvit.layers.ROW_SPLIT_MAX_ROWS, tfgcvit.layers.ROW_SPLIT_MAX_ROWS + 1])
+@pytest.mark.parametrize("rows", [1, tfgcvit.model.layers.ROW_SPLIT_MIN_ROWS, tfgcvit.model.layers.ROW_SPLIT_MIN_ROWS + 1,
+                                  197, tfgcvit.model.layers.ROW_SPLIT_MAX_ROWS, tfgcvit.model.layers.ROW_SPLIT_MAX_ROWS + 1])
 def test_mlp_matches_numpy_on_either_side_of_the_row_split(rows):
     """On TensorFlow some row counts go through the dense layers in two halves (an odd one too).
 
@@ -126,7 +126,7 @@ def test_mlp_matches_numpy_on_either_side_of_the_row_split(rows):
 
     channels, hidden = 8, 24
     inputs = keras.Input((None, 1, channels))  # rows unknown until run: the runtime branch
-    mlp = tfgcvit.layers.MLP(hidden)
+    mlp = tfgcvit.model.layers.MLP(hidden)
     model = keras.Model(inputs, mlp(inputs))
     rng = np.random.default_rng(rows)
     weights = [0.3 * rng.normal(size=v.shape).astype("float32") for v in mlp.weights]
@@ -136,7 +136,7 @@ def test_mlp_matches_numpy_on_either_side_of_the_row_split(rows):
     h = x.reshape(rows, channels) @ w1 + b1
     h = 0.5 * h * (1 + np.vectorize(math.erf)(h / math.sqrt(2)))
     expected = (h @ w2 + b2).reshape(x.shape)
-    with tfgcvit.tuning.setting("on"):
+    with tfgcvit.model.tuning.setting("on"):
         outputs = (model.predict(x, verbose=0), keras.ops.convert_to_numpy(mlp(x)))
     for got in outputs:
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
@@ -315,7 +315,7 @@ class TestBadInput:
 
     def test_wrong_checkpoint_lists_the_offending_names(self, fixture_state_dict):
         model = GCViT(**dict(FIXTURE_CONFIG, depths=(2, 2, 2, 2)))
-        with pytest.raises(tfgcvit.weights.WeightsMismatchError) as error:
+        with pytest.raises(tfgcvit.weights.mapping.WeightsMismatchError) as error:
             tfgcvit.load_torch_weights(model, fixture_state_dict)
         message = str(error.value)
         assert "not in the model: levels.2.blocks.2." in message
@@ -323,13 +323,13 @@ class TestBadInput:
 
     def test_wrong_head_size_names_the_shape(self, fixture_state_dict):
         model = GCViT(**dict(FIXTURE_CONFIG, classes=7))
-        with pytest.raises(tfgcvit.weights.WeightsMismatchError, match=r"head.weight: checkpoint \(10, 128\)"):
+        with pytest.raises(tfgcvit.weights.mapping.WeightsMismatchError, match=r"head.weight: checkpoint \(10, 128\)"):
             tfgcvit.load_torch_weights(model, fixture_state_dict)
 
     def test_missing_tensor_is_named(self, fixture_state_dict):
         model = GCViT(**FIXTURE_CONFIG)
         incomplete = {k: v for k, v in fixture_state_dict.items() if k != "levels.1.blocks.0.attn.qkv.bias"}
-        with pytest.raises(tfgcvit.weights.WeightsMismatchError, match="missing.*levels.1.blocks.0.attn.qkv.bias"):
+        with pytest.raises(tfgcvit.weights.mapping.WeightsMismatchError, match="missing.*levels.1.blocks.0.attn.qkv.bias"):
             tfgcvit.load_torch_weights(model, incomplete)
 
 

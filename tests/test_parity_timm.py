@@ -59,7 +59,7 @@ def _params(variant):
 @pytest.mark.parametrize("variant", [_params(v) for v in TIMM_CONFIGS])
 def test_matches_timm(variant):
     from tfgcvit import load_torch_weights
-    from tfgcvit.model import CONSTRUCTORS, VARIANTS
+    from tfgcvit.model.gcvit import CONSTRUCTORS, VARIANTS
 
     _, size, batch = TIMM_CONFIGS[variant]
     assert VARIANTS[variant]["input_size"] == size

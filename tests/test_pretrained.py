@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import tfgcvit
-from tfgcvit import download, pretrained
-from tfgcvit.download import DownloadError
-from tfgcvit.model import VARIANTS
-from tfgcvit.weights import keras_weight_table, torch_to_keras_array
+from tfgcvit.weights import download, pretrained
+from tfgcvit.weights.download import DownloadError
+from tfgcvit.model.gcvit import VARIANTS
+from tfgcvit.weights.mapping import keras_weight_table, torch_to_keras_array
 from weights_helpers import (
     FIXTURE_MODEL_CONFIG,
     REFERENCE,

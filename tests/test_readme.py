@@ -115,7 +115,7 @@ def fixture_preset(tmp_path_factory):
 @pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=[_block_id(block) for block in PYTHON_BLOCKS])
 def test_python_example_runs(block, fixture_constructor, monkeypatch, request):
     import tfgcvit
-    from tfgcvit.model import CONSTRUCTORS
+    from tfgcvit.model.gcvit import CONSTRUCTORS
 
     if "keras_hub" in block:
         from tfgcvit import hub
@@ -136,9 +136,9 @@ def test_variants_table_matches_the_package():
     import json
 
     from tfgcvit.config import parameter_count
-    from tfgcvit.model import CONSTRUCTORS, VARIANTS
+    from tfgcvit.model.gcvit import CONSTRUCTORS, VARIANTS
 
-    registry = json.loads((REPO / "tfgcvit" / "data" / "official_weights.json").read_text())["checkpoints"]
+    registry = json.loads((REPO / "tfgcvit" / "weights" / "official_weights.json").read_text())["checkpoints"]
     rows = re.findall(r"^\| `(\w+)`[^|]*\| `(\w+)`[^|]*\| ([\d,]+) \| ([\d, ]+) \| (\d+) \| (.*) \|$",
                       README, flags=re.M)
     assert [row[0] for row in rows] == list(VARIANTS)

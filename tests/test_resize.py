@@ -1,4 +1,4 @@
-"""Bicubic resizing of relative-position bias tables (tfgcvit.resize) and its use in loading.
+"""Bicubic resizing of relative-position bias tables (tfgcvit.weights.resize) and its use in loading.
 
 The reference is PyTorch's `F.interpolate(mode="bicubic", align_corners=False)`,
 which the official detection backbone applies to the tables viewed as
@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import FIXTURE_CONFIG, FIXTURES, realistic_weights_, tolerance
-from tfgcvit.resize import bicubic_matrix, bicubic_resize, resize_bias_table, table_window_size
+from tfgcvit.weights.resize import bicubic_matrix, bicubic_resize, resize_bias_table, table_window_size
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -121,7 +121,7 @@ def test_load_resizes_fixture_tables_into_384_model(fixture_state_dict):
 
 def test_load_without_resizing_reports_the_tables(fixture_state_dict):
     from tfgcvit import GCViT, load_torch_weights
-    from tfgcvit.weights import WeightsMismatchError
+    from tfgcvit.weights.mapping import WeightsMismatchError
 
     model = GCViT(**dict(FIXTURE_CONFIG, window_size=HIGHRES_WINDOWS), input_shape=(384, 384, 3))
     with pytest.raises(WeightsMismatchError) as error:
@@ -133,7 +133,7 @@ def test_load_without_resizing_reports_the_tables(fixture_state_dict):
 
 def test_tables_with_other_heads_are_not_resized(fixture_state_dict):
     from tfgcvit import GCViT, load_torch_weights
-    from tfgcvit.weights import WeightsMismatchError
+    from tfgcvit.weights.mapping import WeightsMismatchError
 
     state_dict = dict(fixture_state_dict)
     name = "levels.3.blocks.0.attn.relative_position_bias_table"
@@ -145,7 +145,7 @@ def test_tables_with_other_heads_are_not_resized(fixture_state_dict):
 
 def test_weights_path_loads_224_checkpoint_into_384_model():
     """The documented one-liner: a 224 checkpoint file for a model with larger windows."""
-    pytest.importorskip("tfgcvit.checkpoint")
+    pytest.importorskip("tfgcvit.weights.checkpoint")
     from tfgcvit import GCViT
 
     model = GCViT(**dict(FIXTURE_CONFIG, window_size=HIGHRES_WINDOWS), input_shape=(384, 384, 3),

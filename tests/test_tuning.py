@@ -1,4 +1,4 @@
-"""Machine-specific tuning (`tfgcvit.tuning`): its switches, its decision, and its absence from exports.
+"""Machine-specific tuning (`tfgcvit.model.tuning`): its switches, its decision, and its absence from exports.
 
 Also that importing and running tfgcvit loads no other backend's framework.
 """
@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURE_CONFIG, REPO
-from tfgcvit import tuning
+from tfgcvit.model import tuning
 
 BACKEND = keras.backend.backend()
 only_tensorflow = pytest.mark.skipif(BACKEND != "tensorflow", reason="the tuning is TensorFlow's")
 SMALL_CONFIG = dict(FIXTURE_CONFIG, depths=(1, 1, 1, 1))
-SCOPE = "row_halves"  # the name scope of the split ops (tfgcvit.layers._by_row_halves)
+SCOPE = "row_halves"  # the name scope of the split ops (tfgcvit.model.layers._by_row_halves)
 
 
 @pytest.mark.parametrize("value,expected", [(None, "auto"), ("1", "auto"), ("0", "off"),

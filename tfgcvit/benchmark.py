@@ -256,7 +256,7 @@ def run_benchmark(args):
     """
     import keras
 
-    from tfgcvit.model import get_constructor
+    from tfgcvit.model.gcvit import get_constructor
 
     backend = keras.backend.backend()
     path = choose_path(backend, args.jit, args.path)

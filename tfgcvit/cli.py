@@ -117,7 +117,7 @@ def _import_keras():
 
 def _check_input_size(size, what):
     """Raises CommandError unless `size` is one the model can serve (see MAX_INPUT_SIZE)."""
-    from tfgcvit.model import MIN_SIZE
+    from tfgcvit.model.gcvit import MIN_SIZE
 
     if not MIN_SIZE <= size <= MAX_INPUT_SIZE:
         raise CommandError(
@@ -152,8 +152,8 @@ def _resolve_model(args):
         A dict with "build" (a function of no arguments giving the model),
         "size", "crop_pct", "crop_mode", "classes", "name" and "weights".
     """
-    from tfgcvit.model import GCViT, get_constructor
-    from tfgcvit.pretrained import PRETRAIN_NAMES, checkpoint_entry
+    from tfgcvit.model.gcvit import GCViT, get_constructor
+    from tfgcvit.weights.pretrained import PRETRAIN_NAMES, checkpoint_entry
 
     model_name = args.model.lower().replace("-", "_")
     crop_pct, crop_mode = DEFAULT_CROP_PCT, "center"
@@ -224,7 +224,7 @@ def _predict_probabilities(model, images):
     """Runs the model on a batch of uint8 RGB images; returns float probabilities."""
     import numpy as np
 
-    from tfgcvit.preprocessing import preprocess_input
+    from tfgcvit.data.preprocessing import preprocess_input
 
     batch = preprocess_input(np.stack(images))
     return np.asarray(model.predict_on_batch(batch), dtype=np.float64)
@@ -253,7 +253,7 @@ def _class_names(classes, labels_path):
             )
         return names
     if classes == 1000:
-        from tfgcvit.preprocessing import imagenet_classes
+        from tfgcvit.data.preprocessing import imagenet_classes
 
         return [names.split(",")[0].strip() for _, names in imagenet_classes()]
     return [str(index) for index in range(classes)]
@@ -278,7 +278,7 @@ def _prepared_batches(items, batch_size, prepare, workers):
         (items, results) per batch, where each result is (image, None) or
         (None, error message).
     """
-    from tfgcvit.images import ImageLoadError
+    from tfgcvit.data.images import ImageLoadError
 
     def attempt(item):
         try:
@@ -307,8 +307,33 @@ def _top_predictions(image_path, probabilities, best, names, as_json):
     return predictions
 
 
-def _finish(args, header, records, failures):
+def _image_outputs(args, resolved, records, run_batch):
+    """Runs `run_batch` on the command line's images, batch by batch, read ahead in threads.
+
+    Yields (path, image, output) for each image that could be read, in
+    command-line order; for each one that could not, prints the error and
+    appends {"image": path, "error": message} to `records` in its place.
+    `run_batch` maps a list of uint8 images to one output per image.
+    """
+    from tfgcvit.data.images import evaluation_transform, load_image
+
+    def prepare(path):
+        return evaluation_transform(load_image(path), resolved["size"], resolved["crop_pct"], resolved["crop_mode"])
+
+    for paths, results in _prepared_batches(args.images, args.batch_size, prepare, args.workers):
+        good = [image for image, _ in results if image is not None]
+        outputs = iter(run_batch(good) if good else [])
+        for path, (image, message) in zip(paths, results):
+            if message is None:
+                yield path, image, next(outputs)
+            else:
+                _print_error(message)
+                records.append({"image": path, "error": message})
+
+
+def _finish(args, header, records):
     """Prints the JSON report (when asked) and the failure summary; returns the exit code."""
+    failures = sum("error" in record for record in records)
     if args.json:
         json.dump({**header, "results": records}, sys.stdout, indent=1)
         print()
@@ -320,33 +345,21 @@ def _finish(args, header, records, failures):
 
 
 def _predict(args):
-    from tfgcvit.images import evaluation_transform, load_image
-
     resolved = _resolve_model(args)
     names = _class_names(resolved["classes"], args.labels)
     model = _build_model(resolved)
     top = min(args.top, resolved["classes"])
 
-    def prepare(path):
-        return evaluation_transform(load_image(path), resolved["size"], resolved["crop_pct"], resolved["crop_mode"])
+    def top_predictions(images):
+        probabilities = _predict_probabilities(model, images)
+        return zip(probabilities, _top_indices(probabilities, top))
 
-    records, failures = [], 0
-    for paths, results in _prepared_batches(args.images, args.batch_size, prepare, args.workers):
-        good = [image for image, _ in results if image is not None]
-        probabilities = _predict_probabilities(model, good) if good else []
-        rows = iter(zip(probabilities, _top_indices(probabilities, top) if good else []))
-        # Command-line order, failures in place.
-        for path, (image, message) in zip(paths, results):
-            if message is not None:
-                failures += 1
-                _print_error(message)
-                records.append({"image": path, "error": message})
-                continue
-            row, best = next(rows)
-            records.append({"image": path, "predictions": _top_predictions(path, row, best, names, args.json)})
+    records = []
+    for path, _, (probabilities, best) in _image_outputs(args, resolved, records, top_predictions):
+        records.append({"image": path, "predictions": _top_predictions(path, probabilities, best, names, args.json)})
     header = {"model": resolved["name"], "weights": resolved["weights"], "size": resolved["size"],
               "crop_pct": resolved["crop_pct"], "crop_mode": resolved["crop_mode"]}
-    return _finish(args, header, records, failures)
+    return _finish(args, header, records)
 
 
 # evaluate --------------------------------------------------------------------
@@ -437,7 +450,7 @@ def _progress_bar(total):
 def _evaluate(args):
     import numpy as np
 
-    from tfgcvit.images import (
+    from tfgcvit.data.images import (
         ImageLoadError,
         decode_like_tensorflow,
         evaluation_transform,
@@ -605,7 +618,6 @@ def _explain(args):
     import numpy as np
 
     from tfgcvit import explain
-    from tfgcvit.images import evaluation_transform, load_image
 
     try:
         explain._colormap()
@@ -620,37 +632,28 @@ def _explain(args):
         raise CommandError(f"cannot create the output folder {args.out}: {error}") from None
     model = _build_model(resolved)
 
-    def prepare(path):
-        return evaluation_transform(load_image(path), resolved["size"], resolved["crop_pct"], resolved["crop_mode"])
+    def explained(images):
+        return explain.explain_images(model, np.stack(images), class_index, args.method)
 
-    records, failures, used = [], 0, set()
-    for paths, results in _prepared_batches(args.images, args.batch_size, prepare, args.workers):
-        good = [image for image, _ in results if image is not None]
-        explained = iter(explain.explain_images(model, np.stack(good), class_index, args.method) if good else [])
-        for image_path, (image, message) in zip(paths, results):
-            if message is not None:
-                failures += 1
-                _print_error(message)
-                records.append({"image": image_path, "error": message})
-                continue
-            result = next(explained)
-            path = _output_path(args.out, image_path, used)
-            try:
-                explain.render(image, result, names).save(path)
-            except OSError as error:
-                raise CommandError(f"cannot write {path}: {error}") from None
-            records.append(_report(image_path, path, result, names, args.json))
+    records, used = [], set()
+    for image_path, image, result in _image_outputs(args, resolved, records, explained):
+        path = _output_path(args.out, image_path, used)
+        try:
+            explain.render(image, result, names).save(path)
+        except OSError as error:
+            raise CommandError(f"cannot write {path}: {error}") from None
+        records.append(_report(image_path, path, result, names, args.json))
     header = {"model": resolved["name"], "weights": resolved["weights"], "size": resolved["size"],
               "method": args.method}
-    return _finish(args, header, records, failures)
+    return _finish(args, header, records)
 
 
 # info ------------------------------------------------------------------------
 
 
 def _info(args):
-    from tfgcvit.model import CONSTRUCTORS
-    from tfgcvit.pretrained import pretrained_info
+    from tfgcvit.model.gcvit import CONSTRUCTORS
+    from tfgcvit.weights.pretrained import pretrained_info
 
     checkpoints = pretrained_info()
     rows = []
@@ -830,7 +833,7 @@ def _exit_on_interrupt(stderr_fd):
         stderr_fd: a duplicate of the original stderr, which stays valid
             while `_native_stderr_silenced` points descriptor 2 elsewhere.
     """
-    from tfgcvit.download import remove_pending_files
+    from tfgcvit.weights.download import remove_pending_files
 
     def handler(signum, frame):
         remove_pending_files()

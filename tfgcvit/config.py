@@ -1,7 +1,7 @@
 """What a GC ViT is, as data: the official variants, their limits, and their cost.
 
 Every other module reads these facts from here: the model builders
-(`tfgcvit.model`, `tfgcvit.hub`), the weight mapping, the pretrained registry,
+(`tfgcvit.model.gcvit`, `tfgcvit.hub`), the weight mapping, the pretrained registry,
 the command line and the benchmark. Parameter counts and FLOPs are computed
 from the hyper-parameters by one analytic walk of the architecture
 (`parameter_count`, `flop_count`), checked against the official table and

@@ -8,12 +8,12 @@ import os
 import re
 import sys
 
-from tfgcvit.checkpoint import CheckpointError, read_checkpoint
+from tfgcvit.weights.checkpoint import CheckpointError, read_checkpoint
 from tfgcvit.config import ARCHITECTURE_KEYS, NUM_STAGES, VARIANTS, find_variant, variant_name
-from tfgcvit.download import DownloadError, fetch, replaced_atomically
-from tfgcvit.model import get_constructor
-from tfgcvit.resize import table_window_size
-from tfgcvit.weights import WeightsMismatchError, load_torch_weights, to_official_layout
+from tfgcvit.weights.download import DownloadError, fetch, replaced_atomically
+from tfgcvit.model.gcvit import get_constructor
+from tfgcvit.weights.resize import table_window_size
+from tfgcvit.weights.mapping import WeightsMismatchError, load_torch_weights, to_official_layout
 
 
 class UnknownVariantError(ValueError):
@@ -207,7 +207,7 @@ def convert_to_preset(src, directory, task="classifier", variant=None, entry="st
 
 
 def _registry_record(variant):
-    from tfgcvit.pretrained import official_checkpoints
+    from tfgcvit.weights.pretrained import official_checkpoints
 
     records = [record for record in official_checkpoints() if record["variant"] == variant]
     return records[0] if records else None

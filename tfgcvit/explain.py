@@ -47,8 +47,8 @@ import keras
 from keras import ops
 from PIL import Image, ImageDraw, ImageFont
 
-from tfgcvit.layers import window_partition, window_reverse
-from tfgcvit.model import NUM_STAGES
+from tfgcvit.model.layers import window_partition, window_reverse
+from tfgcvit.model.gcvit import NUM_STAGES
 
 METHODS = ("hirescam", "gradcam")
 COLORMAP = "turbo"
@@ -152,7 +152,7 @@ def _check_images(model, images):
     if any(e is not None and e != s for e, s in zip(expected, images.shape[1:3])):
         raise ValueError(
             f"The model takes {expected[0]}x{expected[1]} images; got {images.shape[1]}x{images.shape[2]}. "
-            f"Resize them (tfgcvit.images.evaluation_transform) or build the model with "
+            f"Resize them (tfgcvit.data.images.evaluation_transform) or build the model with "
             f"input_shape=(None, None, 3)."
         )
     return images
@@ -325,7 +325,7 @@ def explain_images(model, images, class_index=None, method="hirescam"):
         ValueError: not a GC ViT classifier, images of the wrong shape, or a
             class index out of range.
     """
-    from tfgcvit.preprocessing import preprocess_input
+    from tfgcvit.data.preprocessing import preprocess_input
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}.")

@@ -11,10 +11,10 @@ what to do instead when it does not. What works (and is tested):
 | "litert"         | tensorflow        | yes           | yes (resize the input tensor) |
 
 Dynamic height/width need a model built with `input_shape=(None, None, 3)`.
-Exports are traced without machine-specific tuning (`tfgcvit.tuning.disabled()`),
+Exports are traced without machine-specific tuning (`tfgcvit.model.tuning.disabled()`),
 so a file runs the same graph wherever it is served. Keras' own
 `model.export(path, format="onnx")` works too (after one call of the model);
-wrap it in `tfgcvit.tuning.disabled()` to keep the tuning out of the file.
+wrap it in `tfgcvit.model.tuning.disabled()` to keep the tuning out of the file.
 `quantize_onnx` writes an int8 (dynamic quantisation) copy of an ONNX file.
 The model weights are backend-independent: to export from a JAX or PyTorch
 session, save them (`model.save_weights("m.weights.h5")`), rebuild the same
@@ -24,7 +24,7 @@ model under `KERAS_BACKEND=tensorflow`, load them and export there.
 import keras
 import numpy as np
 
-from tfgcvit import tuning
+from tfgcvit.model import tuning
 
 FORMATS = ("tf_saved_model", "onnx", "litert")
 # Backends on which each format exports GC ViT (checked in tests/test_export.py).

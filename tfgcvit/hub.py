@@ -1,7 +1,7 @@
 """GC ViT in keras-hub: backbone, image classifier, its preprocessor and image converter, presets.
 
 `GCViTBackbone` is a `keras_hub.models.FeaturePyramidBackbone` built by the same
-`tfgcvit.model.gcvit_graph` as the Keras Applications constructors, so the
+`tfgcvit.model.gcvit.gcvit_graph` as the Keras Applications constructors, so the
 official weight mapping (`tfgcvit.load_torch_weights`) works on it unchanged.
 Its `pyramid_outputs` P2..P5 are the stage outputs (strides 4..32), which
 keras-hub's detection and segmentation task models consume.
@@ -31,7 +31,7 @@ except ImportError as error:  # pragma: no cover - exercised in a subprocess tes
         "(keras-hub needs Python >= 3.11 and keras >= 3.15)."
     ) from None
 
-from tfgcvit import download
+from tfgcvit.weights import download
 from tfgcvit.config import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -42,9 +42,9 @@ from tfgcvit.config import (
     check_image_shape,
     parameter_count,
 )
-from tfgcvit.model import gcvit_graph
-from tfgcvit.pretrained import official_checkpoints, pretrained_state_dict
-from tfgcvit.weights import load_torch_weights
+from tfgcvit.model.gcvit import gcvit_graph
+from tfgcvit.weights.pretrained import official_checkpoints, pretrained_state_dict
+from tfgcvit.weights.mapping import load_torch_weights
 
 PACKAGE = "tfgcvit"
 # The files of a keras-hub preset directory that `from_preset` reads.
@@ -103,22 +103,14 @@ class GCViTBackbone(keras_hub.models.FeaturePyramidBackbone):
         depths, num_heads, window_size = check_architecture(embed_dim, depths, num_heads, window_size)
         image_shape = check_image_shape(image_shape)
 
+        # The arguments that make the network, given to the graph builder and saved in the config.
+        architecture = dict(embed_dim=embed_dim, depths=depths, num_heads=num_heads, window_size=window_size,
+                            mlp_ratio=mlp_ratio, layer_scale=layer_scale, qkv_bias=qkv_bias, drop_rate=drop_rate,
+                            attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate)
+
         # === Functional model ===
         images = keras.Input(shape=image_shape, name="images")
-        stages, features = gcvit_graph(
-            images,
-            embed_dim=embed_dim,
-            depths=depths,
-            num_heads=num_heads,
-            window_size=window_size,
-            mlp_ratio=mlp_ratio,
-            layer_scale=layer_scale,
-            qkv_bias=qkv_bias,
-            drop_rate=drop_rate,
-            attn_drop_rate=attn_drop_rate,
-            drop_path_rate=drop_path_rate,
-            dtype=dtype,
-        )
+        stages, features = gcvit_graph(images, dtype=dtype, **architecture)
         super().__init__(inputs=images, outputs=features, dtype=dtype, **kwargs)
 
         # === Config ===
@@ -133,6 +125,7 @@ class GCViTBackbone(keras_hub.models.FeaturePyramidBackbone):
         self.attn_drop_rate = attn_drop_rate
         self.drop_path_rate = drop_path_rate
         self.image_shape = image_shape
+        self.architecture = architecture
         self.pyramid_outputs = {f"P{i + 2}": stage for i, stage in enumerate(stages)}
 
     @property
@@ -147,21 +140,8 @@ class GCViTBackbone(keras_hub.models.FeaturePyramidBackbone):
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            {
-                "embed_dim": self.embed_dim,
-                "depths": list(self.depths),
-                "num_heads": list(self.num_heads),
-                "window_size": list(self.window_size),
-                "mlp_ratio": self.mlp_ratio,
-                "layer_scale": self.layer_scale,
-                "qkv_bias": self.qkv_bias,
-                "drop_rate": self.drop_rate,
-                "attn_drop_rate": self.attn_drop_rate,
-                "drop_path_rate": self.drop_path_rate,
-                "image_shape": list(self.image_shape),
-            }
-        )
+        settings = {**self.architecture, "image_shape": self.image_shape}
+        config.update({key: list(value) if isinstance(value, tuple) else value for key, value in settings.items()})
         return config
 
     def load_weights(self, filepath, *args, **kwargs):
@@ -186,7 +166,7 @@ class GCViTImageConverter(keras_hub.layers.ImageConverter):
     centre crops (tiny, base, large) see what timm's test transform gives them
     up to resampling; those evaluated at crop_pct 0.875 see the whole centre
     square rather than its central 87.5%: for exact official evaluation use
-    `tfgcvit evaluate` or `tfgcvit.images.evaluation_transform`.
+    `tfgcvit evaluate` or `tfgcvit.data.images.evaluation_transform`.
     """
 
     backbone_cls = GCViTBackbone
@@ -357,7 +337,7 @@ def official_preset_directory(name):
 
     Raises:
         ValueError: unknown name.
-        tfgcvit.download.DownloadError: the checkpoint cannot be downloaded.
+        tfgcvit.weights.download.DownloadError: the checkpoint cannot be downloaded.
     """
     if name not in PRESETS:
         raise ValueError(f"Unknown GC ViT preset {name!r}. The presets are: {', '.join(sorted(PRESETS))}.")

@@ -113,28 +113,30 @@ class _StorageType(_Inert):
         raise CheckpointError("The checkpoint pickle calls a storage class; only tensors can be read.")
 
 
-class _TorchDtype(_Inert):
+class _NamedCallable(_Inert):
+    """A placeholder for a torch object that a checkpoint may name but must not call."""
+
+    __slots__ = ("name",)
+    prefix = ""
+
+    def __init__(self, name):
+        object.__setattr__(self, "name", name)
+
+    def __call__(self, *args, **kwargs):
+        raise CheckpointError(f"The checkpoint pickle calls {self.prefix}{self.name}; only tensors can be read.")
+
+
+class _TorchDtype(_NamedCallable):
     """Stands for `torch.float32` and friends (arguments of `_rebuild_tensor_v3`)."""
 
-    __slots__ = ("name",)
-
-    def __init__(self, name):
-        object.__setattr__(self, "name", name)
-
-    def __call__(self, *args, **kwargs):
-        raise CheckpointError(f"The checkpoint pickle calls torch.{self.name}; only tensors can be read.")
+    __slots__ = ()
+    prefix = "torch."
 
 
-class _TensorType(_Inert):
+class _TensorType(_NamedCallable):
     """Stands for `torch.Tensor` / `torch.nn.Parameter` in `_rebuild_from_type_v2`."""
 
-    __slots__ = ("name",)
-
-    def __init__(self, name):
-        object.__setattr__(self, "name", name)
-
-    def __call__(self, *args, **kwargs):
-        raise CheckpointError(f"The checkpoint pickle calls {self.name}; only tensors can be read.")
+    __slots__ = ()
 
 
 class _LazyStorage(_Inert):

@@ -4,7 +4,7 @@ Every layer works on channels-last tensors and uses `keras.ops` only, so the
 model runs on the TensorFlow, JAX and PyTorch backends. Sub-layer and weight
 names mirror the official PyTorch code (``levels.0.blocks.1.attn.qkv`` lives
 in ``levels_0`` -> ``blocks[1]`` -> ``attn`` -> ``qkv``), which keeps the
-checkpoint mapping in `tfgcvit.weights` a plain table. Sub-layers are given
+checkpoint mapping in `tfgcvit.weights.mapping` a plain table. Sub-layers are given
 their parent's dtype policy: Keras does not pass it on, and a backbone built
 with `dtype="mixed_bfloat16"` must compute in bfloat16 all the way down.
 """
@@ -13,7 +13,7 @@ import numpy as np
 import keras
 from keras import layers, ops
 
-from tfgcvit import tuning
+from tfgcvit.model import tuning
 from tfgcvit.config import LAYER_NORM_EPSILON
 
 PACKAGE = "tfgcvit"
@@ -40,7 +40,7 @@ def _gelu(x):
 
 # On TensorFlow with two threads, dense layers on more than ROW_SPLIT_MIN_ROWS
 # and at most ROW_SPLIT_MAX_ROWS rows of at most ROW_SPLIT_MAX_CHANNELS channels
-# run as two half-size matmuls at once (see `_by_row_halves`, `tfgcvit.tuning`).
+# run as two half-size matmuls at once (see `_by_row_halves`, `tfgcvit.model.tuning`).
 ROW_SPLIT_MIN_ROWS = 64
 ROW_SPLIT_MAX_ROWS = 1024
 ROW_SPLIT_MAX_CHANNELS = 256
@@ -49,7 +49,7 @@ ROW_SPLIT_MAX_CHANNELS = 256
 def _by_row_halves(function, rows):
     """`function(rows)` for a row-wise function of a (rows, C) matrix.
 
-    Where `tfgcvit.tuning.row_halves()` says so at trace time (TensorFlow
+    Where `tfgcvit.model.tuning.row_halves()` says so at trace time (TensorFlow
     with two threads, tuning not switched off; never in exports), matrices
     within the ROW_SPLIT_* limits go through
     `function` as two row halves that are then concatenated: oneDNN's matmul
@@ -584,6 +584,10 @@ def window_reverse(windows, window_size, height, width):
     return ops.reshape(x, (batch, height, width, channels))
 
 
+# The GCViTBlock arguments a stage passes unchanged to all its blocks.
+BLOCK_OPTIONS = ("mlp_ratio", "qkv_bias", "qk_scale", "drop", "attn_drop", "layer_scale")
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class GCViTBlock(layers.Layer):
     """One transformer block: windowed (local or global) attention, then MLP.
@@ -710,40 +714,29 @@ class GCViTLevel(layers.Layer):
         window_size: window size w.
         keep_dims: FeatExtract pooling flags of the global query generator.
         path_drop: a rate, or one stochastic-depth rate per block.
+        block_options: the other `GCViTBlock` arguments, the same for every
+            block (`mlp_ratio`, `qkv_bias`, `qk_scale`, `drop`, `attn_drop`,
+            `layer_scale`); unset ones take `GCViTBlock`'s defaults.
     """
 
-    def __init__(
-        self,
-        depth,
-        num_heads,
-        window_size,
-        keep_dims,
-        mlp_ratio=3.0,
-        qkv_bias=True,
-        qk_scale=None,
-        drop=0.0,
-        attn_drop=0.0,
-        path_drop=0.0,
-        layer_scale=None,
-        **kwargs,
-    ):
+    def __init__(self, depth, num_heads, window_size, keep_dims, path_drop=0.0, block_options=None, **kwargs):
         super().__init__(**kwargs)
         self.depth = depth
         self.num_heads = num_heads
         self.window_size = window_size
         self.keep_dims = tuple(keep_dims)
-        self.mlp_ratio = mlp_ratio
-        self.qkv_bias = qkv_bias
-        self.qk_scale = qk_scale
-        self.drop = drop
-        self.attn_drop = attn_drop
         if isinstance(path_drop, (list, tuple)):
             if len(path_drop) != depth:
                 raise ValueError(f"Expected {depth} path_drop rates, got {len(path_drop)}.")
             self.path_drop = [float(rate) for rate in path_drop]
         else:
             self.path_drop = [float(path_drop)] * depth
-        self.layer_scale = layer_scale
+        self.block_options = dict(block_options or {})
+        unknown = set(self.block_options) - set(BLOCK_OPTIONS)
+        if unknown:
+            raise ValueError(
+                f"Unknown block_options {sorted(unknown)}; GCViTLevel passes {', '.join(BLOCK_OPTIONS)} to its blocks."
+            )
 
     def build(self, input_shape):
         channels = input_shape[-1]
@@ -758,15 +751,10 @@ class GCViTLevel(layers.Layer):
                 self.window_size,
                 self.num_heads,
                 use_global_query=bool(i % 2),
-                mlp_ratio=self.mlp_ratio,
-                qkv_bias=self.qkv_bias,
-                qk_scale=self.qk_scale,
-                drop=self.drop,
-                attn_drop=self.attn_drop,
                 path_drop=self.path_drop[i],
-                layer_scale=self.layer_scale,
                 dtype=self.dtype_policy,
                 name=f"blocks_{i}",
+                **self.block_options,
             )
             for i in range(self.depth)
         ]
@@ -801,13 +789,8 @@ class GCViTLevel(layers.Layer):
                 "num_heads": self.num_heads,
                 "window_size": self.window_size,
                 "keep_dims": list(self.keep_dims),
-                "mlp_ratio": self.mlp_ratio,
-                "qkv_bias": self.qkv_bias,
-                "qk_scale": self.qk_scale,
-                "drop": self.drop,
-                "attn_drop": self.attn_drop,
                 "path_drop": self.path_drop,
-                "layer_scale": self.layer_scale,
+                "block_options": dict(self.block_options),
             }
         )
         return config

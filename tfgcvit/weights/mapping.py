@@ -12,7 +12,7 @@ import keras
 import numpy as np
 
 from tfgcvit.config import NUM_STAGES
-from tfgcvit.resize import resize_bias_table, table_window_size
+from tfgcvit.weights.resize import resize_bias_table, table_window_size
 
 # How a PyTorch array becomes a Keras one.
 DENSE = "dense"  # Linear (out, in) -> (in, out); timm's 1x1-conv SE (out, in, 1, 1) too.
@@ -209,7 +209,7 @@ def load_torch_weights(model, state_dict, skip_head=None, resize_bias_tables=Tru
         resize_bias_tables: when a relative-position bias table differs from
             the model's only by its window size (e.g. 224 weights with windows
             7/7/14/7 in a model built with 12/12/24/12), resize it bicubically
-            like the official detection backbone (`tfgcvit.resize`). False
+            like the official detection backbone (`tfgcvit.weights.resize`). False
             reports such tables as shape mismatches.
 
     Raises:

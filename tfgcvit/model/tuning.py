@@ -1,7 +1,7 @@
 """Machine-specific tuning of the TensorFlow graph: decided from the machine, with an off switch.
 
 GC ViT has one such tuning: on TensorFlow, dense layers on a few hundred rows
-run as two row halves at once (`tfgcvit.layers._by_row_halves`), which pays off
+run as two row halves at once (`tfgcvit.model.layers._by_row_halves`), which pays off
 where TensorFlow has exactly two threads (measured: up to 1.44x faster per MLP
 on 2 cores, no gain on 1; `bench/row_split.py`, BENCHMARKS.md). It is decided
 when a model is traced (`tf.function`, `predict`, export), not when it is

@@ -25,8 +25,8 @@ from tfgcvit.config import (  # noqa: F401  (re-exported: the public home of the
     find_variant,
     variant_name,
 )
-from tfgcvit.layers import LAYER_NORM_EPSILON, GCViTLevel, PatchEmbed, ReduceSize
-from tfgcvit.pretrained import PRETRAIN_NAMES, load_weights
+from tfgcvit.model.layers import LAYER_NORM_EPSILON, GCViTLevel, PatchEmbed, ReduceSize
+from tfgcvit.weights.pretrained import PRETRAIN_NAMES, load_weights
 
 def _is_pretrained(weights):
     return isinstance(weights, str) and weights in PRETRAIN_NAMES
@@ -67,6 +67,8 @@ def gcvit_graph(
         (strides 4, 8, 16, 32; channels embed_dim * 1, 2, 4, 8) and the final
         normalised feature map.
     """
+    block_options = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate,
+                         attn_drop=attn_drop_rate, layer_scale=layer_scale)
     x = PatchEmbed(embed_dim, dtype=dtype, name="patch_embed")(images)
     x = layers.Dropout(drop_rate, dtype=dtype, name="pos_drop")(x)
     path_drops = np.linspace(0.0, drop_path_rate, sum(depths)).tolist()
@@ -77,13 +79,8 @@ def gcvit_graph(
             num_heads=num_heads[i],
             window_size=window_size[i],
             keep_dims=QUERY_KEEP_DIMS[i],
-            mlp_ratio=mlp_ratio,
-            qkv_bias=qkv_bias,
-            qk_scale=qk_scale,
-            drop=drop_rate,
-            attn_drop=attn_drop_rate,
             path_drop=path_drops[sum(depths[:i]) : sum(depths[: i + 1])],
-            layer_scale=layer_scale,
+            block_options=block_options,
             dtype=dtype,
             name=f"levels_{i}",
         )(x)
@@ -299,6 +296,7 @@ def _variant(variant, doc_name):
 
     constructor.__name__ = doc_name
     constructor.__qualname__ = doc_name
+    constructor.variant = variant
     constructor.__doc__ = f"""Instantiates GC ViT-{variant} ({doc_name}).
 
     embed_dim {config['embed_dim']}, depths {config['depths']}, heads
@@ -339,18 +337,9 @@ GCViTLarge512 = _variant("large_512", "GCViTLarge512")
 GCViTNano = _variant("xxtiny", "GCViTNano")
 GCViTMicro = _variant("xtiny", "GCViTMicro")
 
-CONSTRUCTORS = {
-    "xxtiny": GCViTXXTiny,
-    "xtiny": GCViTXTiny,
-    "tiny": GCViTTiny,
-    "tiny2": GCViTTiny2,
-    "small": GCViTSmall,
-    "small2": GCViTSmall2,
-    "base": GCViTBase,
-    "large": GCViTLarge,
-    "large_384": GCViTLarge384,
-    "large_512": GCViTLarge512,
-}
+CONSTRUCTORS = {constructor.variant: constructor for constructor in (
+    GCViTXXTiny, GCViTXTiny, GCViTTiny, GCViTTiny2, GCViTSmall, GCViTSmall2,
+    GCViTBase, GCViTLarge, GCViTLarge384, GCViTLarge512)}
 
 
 def get_constructor(variant):

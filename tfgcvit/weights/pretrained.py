@@ -1,6 +1,6 @@
 """The official pretrained checkpoints: registry, download, one-time conversion, cache.
 
-The registry (`tfgcvit/data/official_weights.json`) lists NVIDIA's official GC
+The registry (`tfgcvit/weights/official_weights.json`) lists NVIDIA's official GC
 ViT checkpoints. The first time a model is built with `weights="imagenet"` (or
 "imagenet21k"), the checkpoint is downloaded into `<cache>/checkpoints/`, its
 `state_dict` read without PyTorch, and the model tensors (official names,
@@ -20,13 +20,13 @@ import zipfile
 
 import numpy as np
 
-from tfgcvit import download
-from tfgcvit.checkpoint import read_checkpoint
-from tfgcvit.download import fetch
+from tfgcvit.weights import download
+from tfgcvit.weights.checkpoint import read_checkpoint
+from tfgcvit.weights.download import fetch
 from tfgcvit.config import VARIANTS, WEIGHTS_LICENSE_ID, variant_name
-from tfgcvit.weights import IGNORED_SUFFIXES, load_torch_weights, to_official_layout
+from tfgcvit.weights.mapping import IGNORED_SUFFIXES, load_torch_weights, to_official_layout
 
-REGISTRY_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "official_weights.json")
+REGISTRY_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "official_weights.json")
 PRETRAIN_NAMES = ("imagenet", "imagenet21k")
 # Stored next to the tensors in a converted file; "__" keeps them apart from tensor names.
 _SOURCE_KEY = "__tfgcvit_source_sha256__"
@@ -66,7 +66,7 @@ def checkpoint_entry(variant, pretrain):
     """The registry record of an official checkpoint.
 
     Args:
-        variant: a key of `tfgcvit.model.VARIANTS` ("xxtiny" ... "large_512"),
+        variant: a key of `tfgcvit.model.gcvit.VARIANTS` ("xxtiny" ... "large_512"),
             or an alias such as "nano".
         pretrain: "imagenet" or "imagenet21k".
 
@@ -146,7 +146,7 @@ def pretrained_state_dict(variant, pretrain="imagenet", progress=True):
     """The official weights of a variant as a state dict, downloading and converting on first use.
 
     Args:
-        variant: a key of `tfgcvit.model.VARIANTS`.
+        variant: a key of `tfgcvit.model.gcvit.VARIANTS`.
         pretrain: "imagenet" or "imagenet21k".
         progress: show download progress on stderr (when it is a terminal).
 
@@ -155,8 +155,8 @@ def pretrained_state_dict(variant, pretrain="imagenet", progress=True):
 
     Raises:
         ValueError: no such official checkpoint.
-        tfgcvit.download.DownloadError: the checkpoint cannot be downloaded.
-        tfgcvit.checkpoint.CheckpointError: the checkpoint cannot be read.
+        tfgcvit.weights.download.DownloadError: the checkpoint cannot be downloaded.
+        tfgcvit.weights.checkpoint.CheckpointError: the checkpoint cannot be read.
     """
     record = checkpoint_entry(variant, pretrain)
     path = converted_path(record)
@@ -181,7 +181,7 @@ def load_pretrained(model, variant, pretrain="imagenet"):
 
     Args:
         model: a model built with the variant's configuration.
-        variant: a key of `tfgcvit.model.VARIANTS`, or None for a custom
+        variant: a key of `tfgcvit.model.gcvit.VARIANTS`, or None for a custom
             configuration (which has no pretrained weights: ValueError).
         pretrain: "imagenet" or "imagenet21k".
 

@@ -1,0 +1,21 @@
+"""The network: its layers (`layers`), the graph builder and Keras Applications API (`gcvit`),
+and the machine-dependent choices the layers make when traced (`tuning`).
+
+`from tfgcvit.model import GCViTTiny` names what `tfgcvit.model.gcvit` defines; that
+module is loaded on first use, so importing `tfgcvit.model.layers` (as the weight
+mapping does) does not load the Applications API above it.
+"""
+
+import importlib
+
+_MODULES = ("layers", "tuning", "gcvit")
+
+
+def __getattr__(name):
+    # `from tfgcvit.model import tuning` asks for the attribute before importing the submodule:
+    # answer it with the submodule, not with a name of gcvit (which would import the layers).
+    if name in _MODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    if name.startswith("__"):
+        raise AttributeError(name)
+    return getattr(importlib.import_module(f"{__name__}.gcvit"), name)
