@@ -140,3 +140,42 @@ def test_jax_backend_still_gets_jax():
                             timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "True"
+
+
+@pytest.mark.backends
+def test_shifted_depthwise_is_decided_from_the_backend_and_device():
+    with tuning.setting("auto"):
+        expected = BACKEND == "jax" and __import__("jax").default_backend() == "cpu"
+        assert tuning.shifted_depthwise() == expected
+    with tuning.disabled():
+        assert tuning.shifted_depthwise() is False
+    with tuning.setting("on"):
+        assert tuning.shifted_depthwise() == (BACKEND == "jax")
+
+
+@pytest.mark.backends
+@pytest.mark.skipif(BACKEND != "jax", reason="the shifted depthwise form is JAX's")
+def test_shifted_depthwise_equals_the_convolution_with_gradients():
+    import jax
+
+    from tfgcvit.model import layers
+
+    block = layers.MBConv()
+    block.build((None, 9, 11, 16))
+    x = keras.ops.convert_to_tensor(np.random.default_rng(0).standard_normal((2, 9, 11, 16)).astype("float32"))
+
+    def loss(variables, inputs):
+        outputs, _ = block.stateless_call(variables, [], inputs)
+        return keras.ops.sum(outputs**2), outputs
+
+    variables = [v.value for v in block.trainable_variables]
+    results = {}
+    for name, context in (("shifted", tuning.setting("on")), ("convolution", tuning.disabled())):
+        with context:
+            (_, outputs), grads = jax.value_and_grad(loss, has_aux=True)(variables, x)
+        results[name] = (np.asarray(outputs), [np.asarray(g) for g in grads])
+    (shifted, shifted_grads), (conv, conv_grads) = results["shifted"], results["convolution"]
+    assert not np.array_equal(shifted, conv)  # two computations, not one twice
+    np.testing.assert_allclose(shifted, conv, rtol=1e-5, atol=1e-5)
+    for a, b in zip(shifted_grads, conv_grads):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

@@ -200,6 +200,28 @@ class SqueezeExcite(layers.Layer):
         return config
 
 
+def _depthwise_conv(layer, x):
+    """`layer` (a 3x3 `DepthwiseConv2D`, stride 1, "same", no bias) applied to `x`.
+
+    Where `tuning.shifted_depthwise()` says so (JAX on CPU), written as nine
+    shifted multiply-adds: XLA's CPU grouped convolution is 30-45x slower than
+    that at GC ViT's shapes (`bench/depthwise.py`), and these convolutions
+    were most of the JAX backend's CPU time. Same weights, same sums in
+    another order: results agree to float rounding.
+    """
+    if not tuning.shifted_depthwise():
+        return layer(x)
+    kernel = ops.cast(layer.kernel, x.dtype)
+    height, width = ops.shape(x)[1], ops.shape(x)[2]
+    padded = _pad_symmetric(x, 1)
+    out = None
+    for i in range(3):
+        for j in range(3):
+            term = padded[:, i : i + height, j : j + width, :] * kernel[i, j, :, 0]
+            out = term if out is None else out + term
+    return out
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class MBConv(layers.Layer):
     """Residual fused-MBConv (official `ReduceSize.conv` / `FeatExtract.conv`).
@@ -222,7 +244,7 @@ class MBConv(layers.Layer):
         self.built = True
 
     def call(self, inputs):
-        x = _gelu(self.conv_0(inputs))
+        x = _gelu(_depthwise_conv(self.conv_0, inputs))
         return inputs + self.conv_3(self.se(x))
 
     def compute_output_shape(self, input_shape):

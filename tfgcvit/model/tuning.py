@@ -1,17 +1,25 @@
 """Machine-specific tuning of the TensorFlow graph: decided from the machine, with an off switch.
 
-GC ViT has one such tuning: on TensorFlow, dense layers on a few hundred rows
-run as two row halves at once (`tfgcvit.model.layers._by_row_halves`), which pays off
-where TensorFlow has exactly two threads (measured: up to 1.44x faster per MLP
-on 2 cores, no gain on 1; `bench/row_split.py`, BENCHMARKS.md). It is decided
-when a model is traced (`tf.function`, `predict`, export), not when it is
-built, from:
+GC ViT has two such tunings:
+
+- on TensorFlow, dense layers on a few hundred rows run as two row halves at
+  once (`tfgcvit.model.layers._by_row_halves`), which pays off where TensorFlow
+  has exactly two threads (measured: up to 1.44x faster per MLP on 2 cores, no
+  gain on 1; `bench/row_split.py`, BENCHMARKS.md);
+- on JAX on CPU, the 3x3 depthwise convolutions run as nine shifted
+  multiply-adds (`tfgcvit.model.layers._depthwise_conv`): XLA's CPU grouped
+  convolution is 30-45x slower at these shapes (`bench/depthwise.py`); on GPUs
+  the convolution stays.
+
+Each is decided when a model is traced (`tf.function`, `predict`, export),
+not when it is built, from:
 
 - the mode: `TFGCVIT_MACHINE_TUNING` in the environment ("1" or unset: auto,
   "0": off, "force": on whatever the machine), or `setting(mode)` /
   `disabled()` around the tracing code, which win over the environment;
-- in "auto" mode, the threads TensorFlow computes with: its intra-op thread
-  setting if one was made, otherwise the CPUs this process may run on.
+- in "auto" mode, the machine: for the row halves the threads TensorFlow
+  computes with (its intra-op thread setting if one was made, otherwise the
+  CPUs this process may run on); for the depthwise form, JAX's default device.
 
 Exported files never contain it, whatever the mode, since the machine that
 serves a file is not the one that wrote it: `tfgcvit.export.export_model`
@@ -107,6 +115,19 @@ def row_halves():
     # The halves overlap on TensorFlow's inter-op threads: none to gain with one.
     serial = tf.config.threading.get_inter_op_parallelism_threads() == 1
     return not serial and tensorflow_threads() in ROW_HALVES_THREADS
+
+
+def shifted_depthwise():
+    """Whether depthwise 3x3 convolutions traced now run as shifted multiply-adds (JAX on CPU)."""
+    import keras
+
+    if mode() == "off" or keras.backend.backend() != "jax":
+        return False
+    if mode() == "on":
+        return True
+    import jax
+
+    return jax.default_backend() == "cpu"
 
 
 def _traced_by_keras_export():
