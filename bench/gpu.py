@@ -23,6 +23,8 @@ import sys
 from harness import ROOT, Impl, load_average, markdown_table, run_group, worker_env, write_outputs
 
 TARGET = ("keras-jax-bf16", "timm-compile-bf16")
+# Issue 12: mixed_bfloat16 on JAX at least 1.3x timm's torch.compile + bf16.
+TARGET_RATIO = 1.3
 
 
 def implementations(device):
@@ -92,8 +94,8 @@ def main():
     ours, theirs = TARGET
     ratio = group["ratios"].get(ours, {}).get(theirs)
     if ratio is not None:
-        verdict = "met" if ratio >= 1.0 else "NOT met"
-        lines.append(f"Target: {ours} throughput >= {theirs}: {ratio:.2f}x ({verdict}).")
+        verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
+        lines.append(f"Target: {ours} throughput >= {TARGET_RATIO}x {theirs}: {ratio:.2f}x ({verdict}).")
         payload["target_ratio"] = ratio
     markdown = "\n".join(lines)
     paths = write_outputs("gpu", payload, markdown, out_dir)
