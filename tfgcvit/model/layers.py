@@ -204,7 +204,7 @@ def _depthwise_conv(layer, x):
     """`layer` (a 3x3 `DepthwiseConv2D`, stride 1, "same", no bias) applied to `x`.
 
     Where `tuning.shifted_depthwise()` says so (JAX on CPU), written as nine
-    shifted multiply-adds: XLA's CPU grouped convolution is 30-45x slower than
+    shifted multiply-adds: XLA's CPU grouped convolution is 13-48x slower than
     that at GC ViT's shapes (`bench/depthwise.py`), and these convolutions
     were most of the JAX backend's CPU time. Same weights, same sums in
     another order: results agree to float rounding.

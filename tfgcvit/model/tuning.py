@@ -8,7 +8,7 @@ GC ViT has two such tunings:
   gain on 1; `bench/row_split.py`, BENCHMARKS.md);
 - on JAX on CPU, the 3x3 depthwise convolutions run as nine shifted
   multiply-adds (`tfgcvit.model.layers._depthwise_conv`): XLA's CPU grouped
-  convolution is 30-45x slower at these shapes (`bench/depthwise.py`); on GPUs
+  convolution is 13-48x slower at these shapes (`bench/depthwise.py`); on GPUs
   the convolution stays.
 
 Each is decided when a model is traced (`tf.function`, `predict`, export),
