@@ -113,9 +113,7 @@ def parse_args(argv=None):
 def main(argv=None):
     """Trains RetinaNet on GC ViT on synthetic shapes; returns a dict with the model, history and mAP@0.5."""
     args = parse_args(argv)
-    height, width = args.image_size
-    train = synthetic_shapes.make_dataset(args.train_images, height, width, seed=args.seed)
-    test = synthetic_shapes.make_dataset(args.test_images, height, width, seed=args.seed + 1)
+    train, test = synthetic_shapes.train_and_test_data(args)
     num_classes = len(synthetic_shapes.CLASS_NAMES)
 
     encoder = synthetic_shapes.build_image_encoder(args.variant, args.weights)

@@ -104,6 +104,14 @@ def build_image_encoder(variant="mini", weights=None, drop_path_rate=None):
     return GCViTBackbone(**{**config, **options})
 
 
+def train_and_test_data(args):
+    """The training and held-out images that the common arguments ask for (different seeds)."""
+    height, width = args.image_size
+    train = make_dataset(args.train_images, height, width, seed=args.seed)
+    test = make_dataset(args.test_images, height, width, seed=args.seed + 1)
+    return train, test
+
+
 def add_common_arguments(parser, image_size, epochs):
     """The command-line options both examples share."""
     parser.add_argument("--variant", default="mini",

@@ -83,7 +83,7 @@ def test_every_module_has_a_rank():
 def test_imports_only_go_down():
     upward = []
     for name, path in _modules().items():
-        if name in ("",) or name in FOLDERS:
+        if name == "" or name in FOLDERS:
             continue  # the package and folder __init__ files name their modules lazily, by strings
         for imported in set(_imported_modules(path)):
             rank = _rank_of(imported)

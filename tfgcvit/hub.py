@@ -103,7 +103,7 @@ class GCViTBackbone(keras_hub.models.FeaturePyramidBackbone):
         depths, num_heads, window_size = check_architecture(embed_dim, depths, num_heads, window_size)
         image_shape = check_image_shape(image_shape)
 
-        # The arguments that make the network, given to the graph builder and saved in the config.
+        # The arguments that make the network, as the graph builder takes them.
         architecture = dict(embed_dim=embed_dim, depths=depths, num_heads=num_heads, window_size=window_size,
                             mlp_ratio=mlp_ratio, layer_scale=layer_scale, qkv_bias=qkv_bias, drop_rate=drop_rate,
                             attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate)
@@ -125,7 +125,6 @@ class GCViTBackbone(keras_hub.models.FeaturePyramidBackbone):
         self.attn_drop_rate = attn_drop_rate
         self.drop_path_rate = drop_path_rate
         self.image_shape = image_shape
-        self.architecture = architecture
         self.pyramid_outputs = {f"P{i + 2}": stage for i, stage in enumerate(stages)}
 
     @property
@@ -140,8 +139,21 @@ class GCViTBackbone(keras_hub.models.FeaturePyramidBackbone):
 
     def get_config(self):
         config = super().get_config()
-        settings = {**self.architecture, "image_shape": self.image_shape}
-        config.update({key: list(value) if isinstance(value, tuple) else value for key, value in settings.items()})
+        config.update(
+            {
+                "embed_dim": self.embed_dim,
+                "depths": list(self.depths),
+                "num_heads": list(self.num_heads),
+                "window_size": list(self.window_size),
+                "mlp_ratio": self.mlp_ratio,
+                "layer_scale": self.layer_scale,
+                "qkv_bias": self.qkv_bias,
+                "drop_rate": self.drop_rate,
+                "attn_drop_rate": self.attn_drop_rate,
+                "drop_path_rate": self.drop_path_rate,
+                "image_shape": list(self.image_shape),
+            }
+        )
         return config
 
     def load_weights(self, filepath, *args, **kwargs):

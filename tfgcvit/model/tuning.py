@@ -121,9 +121,10 @@ def shifted_depthwise():
     """Whether depthwise 3x3 convolutions traced now run as shifted multiply-adds (JAX on CPU)."""
     import keras
 
-    if mode() == "off" or keras.backend.backend() != "jax":
+    current = mode()
+    if current == "off" or keras.backend.backend() != "jax":
         return False
-    if mode() == "on":
+    if current == "on":
         return True
     import jax
 
