@@ -1,6 +1,6 @@
 """XLA's CPU depthwise convolution against nine shifted multiply-adds, at GC ViT's shapes.
 
-The evidence for `tfgcvit.model.layers._depthwise_conv` on JAX: the 3x3
+The evidence for `tfgcvit.model.layers._conv` on JAX: the 3x3
 depthwise convolutions of GC ViT's MBConv blocks (stem, global-query
 generators, downsamples) through `jax.lax.conv_general_dilated` with
 `feature_group_count=channels` (what Keras' `DepthwiseConv2D` calls on JAX)

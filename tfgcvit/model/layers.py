@@ -170,6 +170,18 @@ class DropPath(layers.Layer):
         return config
 
 
+def _regularize(layer, x, training):
+    """`layer(x, training=training)` for a `Dropout` or `DropPath`, skipped where that is `x`.
+
+    Both return their input outside training and at rate 0. Skipping the call
+    saves Keras' per-layer overhead, which on PyTorch (eager) is about 60 us a
+    call: 186 of GCViT-Tiny's 570 layer calls per inference are these.
+    """
+    if not training or layer.rate == 0:
+        return x
+    return layer(x, training=training)
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class SqueezeExcite(layers.Layer):
     """Squeeze-and-excitation (official `SE`): channel gates from a pooled summary."""
@@ -200,18 +212,49 @@ class SqueezeExcite(layers.Layer):
         return config
 
 
-def _depthwise_conv(layer, x):
-    """`layer` (a 3x3 `DepthwiseConv2D`, stride 1, "same", no bias) applied to `x`.
+def _channels_first_view(function, x):
+    """`function` of a channels-first view of `x` (B, H, W, C), returned channels-last.
 
-    Where `tuning.shifted_depthwise()` says so (JAX on CPU), written as nine
+    For PyTorch: Keras' channels-last convolution and pooling there copy the
+    input to channels-first memory and then back to channels-last memory
+    (the format PyTorch's CPU and GPU kernels prefer) before every call. A
+    channels-first *view* of a channels-last tensor already is channels-last
+    memory, so through the channels-first ops no copy is made, and the
+    output, viewed back, is a plain channels-last tensor. Same kernels, same
+    arithmetic: results are identical.
+    """
+    return ops.transpose(function(ops.transpose(x, (0, 3, 1, 2))), (0, 2, 3, 1))
+
+
+def _conv(layer, x):
+    """`layer(x)` for a channels-last `Conv2D` or `DepthwiseConv2D` of this module.
+
+    On PyTorch through a channels-first view (`_channels_first_view`). Where
+    `tuning.shifted_depthwise()` says so (JAX on CPU), a 3x3 depthwise
+    convolution (stride 1, "same", no bias: MBConv's) is written as nine
     shifted multiply-adds: XLA's CPU grouped convolution is 13-48x slower than
     that at GC ViT's shapes (`bench/depthwise.py`), and these convolutions
     were most of the JAX backend's CPU time. Same weights, same sums in
-    another order: results agree to float rounding.
+    another order: results agree to float rounding. Elsewhere `layer(x)`.
     """
-    if not tuning.shifted_depthwise():
+    depthwise = isinstance(layer, layers.DepthwiseConv2D)
+    if depthwise and tuning.shifted_depthwise():
+        return _shifted_depthwise_conv(ops.cast(layer.kernel, x.dtype), x)
+    if keras.backend.backend() != "torch":
         return layer(x)
     kernel = ops.cast(layer.kernel, x.dtype)
+    conv = ops.depthwise_conv if depthwise else ops.conv
+    x = _channels_first_view(
+        lambda v: conv(v, kernel, strides=layer.strides, padding=layer.padding, data_format="channels_first"),
+        x,
+    )
+    if layer.use_bias:
+        x = x + ops.cast(layer.bias, x.dtype)
+    return x
+
+
+def _shifted_depthwise_conv(kernel, x):
+    """3x3 depthwise convolution, stride 1, padding 1, as nine shifted multiply-adds."""
     height, width = ops.shape(x)[1], ops.shape(x)[2]
     padded = _pad_symmetric(x, 1)
     out = None
@@ -220,6 +263,15 @@ def _depthwise_conv(layer, x):
             term = padded[:, i : i + height, j : j + width, :] * kernel[i, j, :, 0]
             out = term if out is None else out + term
     return out
+
+
+def _max_pool_3x3_stride2(x):
+    """3x3 max-pool, stride 2, of a map padded by the caller (on PyTorch through a channels-first view)."""
+    if keras.backend.backend() != "torch":
+        return ops.max_pool(x, pool_size=3, strides=2, padding="valid")
+    return _channels_first_view(
+        lambda v: ops.max_pool(v, pool_size=3, strides=2, padding="valid", data_format="channels_first"), x
+    )
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -244,8 +296,8 @@ class MBConv(layers.Layer):
         self.built = True
 
     def call(self, inputs):
-        x = _gelu(_depthwise_conv(self.conv_0, inputs))
-        return inputs + self.conv_3(self.se(x))
+        x = _gelu(_conv(self.conv_0, inputs))
+        return inputs + _conv(self.conv_3, self.se(x))
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -282,7 +334,7 @@ class ReduceSize(layers.Layer):
     def call(self, inputs):
         x = self.conv(self.norm1(inputs))
         # PyTorch pads 1 on every side; Keras "same" would pad bottom/right only.
-        x = self.reduction(_pad_symmetric(x, 1))
+        x = _conv(self.reduction, _pad_symmetric(x, 1))
         return self.norm2(x)
 
     def compute_output_shape(self, input_shape):
@@ -312,7 +364,7 @@ class PatchEmbed(layers.Layer):
         self.built = True
 
     def call(self, inputs):
-        return self.conv_down(self.proj(_pad_symmetric(inputs, 1)))
+        return self.conv_down(_conv(self.proj, _pad_symmetric(inputs, 1)))
 
     def compute_output_shape(self, input_shape):
         batch, height, width, _ = input_shape
@@ -344,7 +396,7 @@ class FeatExtract(layers.Layer):
             return x
         # PyTorch MaxPool2d(3, 2, padding=1): padded cells never win.
         x = _pad_symmetric(x, 1, value=float("-inf"))
-        return ops.max_pool(x, pool_size=3, strides=2, padding="valid")
+        return _max_pool_3x3_stride2(x)
 
     def compute_output_shape(self, input_shape):
         if self.keep_dim:
@@ -519,12 +571,12 @@ class WindowAttention(layers.Layer):
         tokens = self.window_size**2
         channels = self.num_heads * self.head_dim
         attn, value = self.attend(inputs, global_query)
-        attn = self.attn_dropout(attn, training=training)
+        attn = _regularize(self.attn_dropout, attn, training)
         x = ops.matmul(attn, value)  # (heads, B * nW, N, head_dim)
         x = ops.transpose(x, (1, 2, 0, 3))
         x = _by_row_halves(self.proj, ops.reshape(x, (-1, channels)))
         x = ops.reshape(x, (batch, windows, tokens, channels))
-        return self.proj_dropout(x, training=training)
+        return _regularize(self.proj_dropout, x, training)
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -571,8 +623,8 @@ class MLP(layers.Layer):
         shape = ops.shape(inputs)
 
         def mlp(x):
-            x = self.dropout(_gelu(self.fc1(x)), training=training)
-            return self.dropout(self.fc2(x), training=training)
+            x = _regularize(self.dropout, _gelu(self.fc1(x)), training)
+            return _regularize(self.dropout, self.fc2(x), training)
 
         return ops.reshape(_by_row_halves(mlp, ops.reshape(inputs, (-1, shape[-1]))), shape)
 
@@ -696,9 +748,9 @@ class GCViTBlock(layers.Layer):
 
     def call(self, inputs, global_query=None, training=None):
         x = self._attention(self.norm1(inputs), global_query, training)
-        x = inputs + self.drop_path(self._scale(x, self.gamma1), training=training)
+        x = inputs + _regularize(self.drop_path, self._scale(x, self.gamma1), training)
         y = self.mlp(self.norm2(x), training=training)
-        return x + self.drop_path(self._scale(y, self.gamma2), training=training)
+        return x + _regularize(self.drop_path, self._scale(y, self.gamma2), training)
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -7,7 +7,7 @@ GC ViT has two such tunings:
   has exactly two threads (measured: up to 1.44x faster per MLP on 2 cores, no
   gain on 1; `bench/row_split.py`, BENCHMARKS.md);
 - on JAX on CPU, the 3x3 depthwise convolutions run as nine shifted
-  multiply-adds (`tfgcvit.model.layers._depthwise_conv`): XLA's CPU grouped
+  multiply-adds (`tfgcvit.model.layers._conv`): XLA's CPU grouped
   convolution is 13-48x slower at these shapes (`bench/depthwise.py`); on GPUs
   the convolution stays.
 
