@@ -67,3 +67,34 @@ def test_level_passes_its_block_options_to_every_block():
 def test_level_refuses_unknown_block_options():
     with pytest.raises(ValueError, match=r"Unknown block_options \['mlp'\].*mlp_ratio"):
         layers.GCViTLevel(2, 2, 7, (True,), block_options={"mlp": 2.0})
+
+
+CONVOLUTIONS = {
+    "stem conv (bias, stride 2)": lambda: keras.layers.Conv2D(6, 3, strides=2),
+    "strided conv": lambda: keras.layers.Conv2D(8, 3, strides=2, use_bias=False),
+    "pointwise conv": lambda: keras.layers.Conv2D(5, 1, use_bias=False),
+    "depthwise conv": lambda: keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False),
+}
+
+
+@pytest.mark.parametrize("name", list(CONVOLUTIONS))
+def test_conv_equals_the_layers_own_call(name):
+    """`layers._conv` (a channels-first view on PyTorch, shifted taps on JAX's CPU) is the layer's result."""
+    conv = CONVOLUTIONS[name]()
+    x = keras.ops.convert_to_tensor(np.random.default_rng(1).normal(size=(2, 11, 9, 4)).astype("float32"))
+    conv.build(x.shape)
+    conv.set_weights([np.random.default_rng(2).normal(size=w.shape).astype("float32") for w in conv.weights])
+    ours = layers._conv(conv, x)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(ours), keras.ops.convert_to_numpy(conv(x)),
+                               rtol=1e-5, atol=1e-5)
+    if keras.backend.backend() == "torch":
+        assert ours.is_contiguous()  # a plain channels-last tensor, as the next layer expects
+
+
+def test_max_pool_equals_keras_max_pool():
+    x = keras.ops.convert_to_tensor(np.random.default_rng(3).normal(size=(2, 13, 10, 4)).astype("float32"))
+    expected = keras.ops.max_pool(x, pool_size=3, strides=2, padding="valid")
+    ours = layers._max_pool_3x3_stride2(x)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(ours), keras.ops.convert_to_numpy(expected))
+    if keras.backend.backend() == "torch":
+        assert ours.is_contiguous()
