@@ -49,13 +49,32 @@ def test_context_managers_win_over_the_environment_and_nest(monkeypatch):
     assert tuning.mode() == "on"
 
 
-@pytest.mark.parametrize("threads,expected", [(1, False), (2, True), (4, False), (16, False)])
-def test_auto_mode_decides_from_the_thread_count(monkeypatch, threads, expected):
+@pytest.mark.parametrize("threads", [1, 2, 4, 16])
+@pytest.mark.parametrize("pays_off", [True, False])
+def test_auto_mode_decides_from_threads_and_the_measurement(monkeypatch, threads, pays_off):
     monkeypatch.setattr(tuning, "tensorflow_threads", lambda: threads)
+    monkeypatch.setattr(tuning, "row_halves_pay_off", lambda: pays_off)
     with tuning.setting("auto"):
-        assert tuning.row_halves() is (expected and BACKEND == "tensorflow")
+        assert tuning.row_halves() is (pays_off and threads >= 2 and BACKEND == "tensorflow")
     with tuning.setting("on"):
         assert tuning.row_halves() is (BACKEND == "tensorflow")
+
+
+@only_tensorflow
+def test_the_measurement_runs_once_and_eagerly_from_inside_a_trace(monkeypatch):
+    import tensorflow as tf
+
+    monkeypatch.setattr(tuning, "PROBE_ROUNDS", 1)
+    tuning.row_halves_pay_off.cache_clear()
+    try:
+        answers = []
+        tf.function(lambda: answers.append(tuning.row_halves_pay_off()) or tf.constant(0))()
+        assert answers[0] in (True, False)
+        assert tuning.row_halves_pay_off.cache_info().misses == 1
+        assert tuning.row_halves_pay_off() is answers[0]
+        assert tuning.row_halves_pay_off.cache_info().misses == 1
+    finally:
+        tuning.row_halves_pay_off.cache_clear()
 
 
 def graph_node_names(graph_def):

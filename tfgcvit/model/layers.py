@@ -38,7 +38,7 @@ def _gelu(x):
     return 0.5 * x * (1.0 + ops.erf(x * SQRT_HALF))
 
 
-# On TensorFlow with two threads, dense layers on more than ROW_SPLIT_MIN_ROWS
+# On TensorFlow, where measured faster, dense layers on more than ROW_SPLIT_MIN_ROWS
 # and at most ROW_SPLIT_MAX_ROWS rows of at most ROW_SPLIT_MAX_CHANNELS channels
 # run as two half-size matmuls at once (see `_by_row_halves`, `tfgcvit.model.tuning`).
 ROW_SPLIT_MIN_ROWS = 64
@@ -49,8 +49,9 @@ ROW_SPLIT_MAX_CHANNELS = 256
 def _by_row_halves(function, rows):
     """`function(rows)` for a row-wise function of a (rows, C) matrix.
 
-    Where `tfgcvit.model.tuning.row_halves()` says so at trace time (TensorFlow
-    with two threads, tuning not switched off; never in exports), matrices
+    Where `tfgcvit.model.tuning.row_halves()` says so at trace time (TensorFlow,
+    two or more threads, measured faster on this machine, tuning not switched
+    off; never in exports), matrices
     within the ROW_SPLIT_* limits go through
     `function` as two row halves that are then concatenated: oneDNN's matmul
     inside TensorFlow hardly uses a second thread for a few hundred rows
@@ -60,9 +61,10 @@ def _by_row_halves(function, rows):
     MLPs that is 1.1-1.45x faster at 98-784 rows of 128-256 channels; with fewer
     rows, more channels (each half then reads all the weights for little work)
     or more rows it gains nothing or loses up to 26% (`bench/row_split.py`,
-    measured on 2 cores). Rows are independent, so results agree to float
-    rounding. Everywhere else (other backends, other thread counts, tuning
-    off) this is `function(rows)`. The split ops live under a "row_halves"
+    measured on a 2-core Intel Xeon; on a 2-core AMD EPYC the same shapes lose
+    5-14%, hence the measurement). Rows are independent, so results agree to
+    float rounding. Everywhere else (other backends, one thread, not faster
+    here, tuning off) this is `function(rows)`. The split ops live under a "row_halves"
     name scope, which is how tests find them in a graph.
     """
     if rows.shape[-1] > ROW_SPLIT_MAX_CHANNELS or not tuning.row_halves():

@@ -3,9 +3,12 @@
 GC ViT has two such tunings:
 
 - on TensorFlow, dense layers on a few hundred rows run as two row halves at
-  once (`tfgcvit.model.layers._by_row_halves`), which pays off where TensorFlow
-  has exactly two threads (measured: up to 1.44x faster per MLP on 2 cores, no
-  gain on 1; `bench/row_split.py`, BENCHMARKS.md);
+  once (`tfgcvit.model.layers._by_row_halves`). Whether that pays off depends
+  on the CPU, not only on its core count (`bench/row_split.py`: up to 1.44x
+  faster per MLP on a 2-core Intel Xeon, 0.86-0.95x on a 2-core AMD EPYC at
+  the same shapes, nothing to gain on one thread), so it is measured: the
+  first trace that asks times GCViT-Tiny's batch-1 MLP shapes both ways on
+  this machine, once per process (`row_halves_pay_off`);
 - on JAX on CPU, the 3x3 depthwise convolutions run as nine shifted
   multiply-adds (`tfgcvit.model.layers._conv`): XLA's CPU grouped
   convolution is 13-48x slower at these shapes (`bench/depthwise.py`); on GPUs
@@ -17,9 +20,10 @@ not when it is built, from:
 - the mode: `TFGCVIT_MACHINE_TUNING` in the environment ("1" or unset: auto,
   "0": off, "force": on whatever the machine), or `setting(mode)` /
   `disabled()` around the tracing code, which win over the environment;
-- in "auto" mode, the machine: for the row halves the threads TensorFlow
-  computes with (its intra-op thread setting if one was made, otherwise the
-  CPUs this process may run on); for the depthwise form, JAX's default device.
+- in "auto" mode, the machine: for the row halves, at least two threads
+  TensorFlow computes with (its intra-op thread setting if one was made,
+  otherwise the CPUs this process may run on), more than one inter-op thread
+  and the measurement; for the depthwise form, JAX's default device.
 
 Exported files never contain it, whatever the mode, since the machine that
 serves a file is not the one that wrote it: `tfgcvit.export.export_model`
@@ -29,16 +33,24 @@ Functions traced before a change keep their graph.
 """
 
 import contextlib
+import functools
 import os
+import statistics
 import sys
+import time
 
 ENV_VAR = "TFGCVIT_MACHINE_TUNING"
 MODES = ("auto", "off", "on")
 # Environment values and the mode each one selects.
 ENV_VALUES = {"": "auto", "1": "auto", "auto": "auto", "0": "off", "off": "off", "force": "on"}
-# TensorFlow thread counts at which the row halves were measured to pay off
-# (2 threads: 1.1-1.44x per MLP; 1 thread: none, the halves run one after the other).
-ROW_HALVES_THREADS = (2,)
+# What `row_halves_pay_off` measures: chains of GC ViT MLPs (C -> 3C -> C) on
+# (rows, C) inputs, GCViT-Tiny's stages 2 and 3 at batch 1, where the split
+# gained most on the machine it was first measured on; the halves must be this
+# much faster in total to be used.
+PROBE_SHAPES = ((784, 128), (196, 256))
+PROBE_BLOCKS = 4
+PROBE_ROUNDS = 7
+PROBE_MIN_SPEEDUP = 1.05
 
 _modes = []  # stack of `setting` overrides, innermost last
 
@@ -114,7 +126,67 @@ def row_halves():
 
     # The halves overlap on TensorFlow's inter-op threads: none to gain with one.
     serial = tf.config.threading.get_inter_op_parallelism_threads() == 1
-    return not serial and tensorflow_threads() in ROW_HALVES_THREADS
+    return not serial and tensorflow_threads() >= 2 and row_halves_pay_off()
+
+
+@functools.cache
+def row_halves_pay_off():
+    """Whether two row halves at once beat whole matmuls on this machine; measured once per process.
+
+    Times `PROBE_BLOCKS` MLP blocks at each of `PROBE_SHAPES` both ways, in
+    `PROBE_ROUNDS` interleaved rounds (about half a second in all, at the
+    first trace that asks), and says yes when the halves take at most
+    1 / `PROBE_MIN_SPEEDUP` of the time. Runs eagerly even when asked from
+    inside a trace.
+    """
+    import numpy as np
+    import tensorflow as tf
+    from keras import ops
+
+    rng = np.random.default_rng(0)
+
+    def chain(rows, channels, halves):
+        weights = [
+            [tf.constant(rng.standard_normal(shape, dtype=np.float32) * 0.03)
+             for shape in ((channels, 3 * channels), (3 * channels,), (3 * channels, channels), (channels,))]
+            for _ in range(PROBE_BLOCKS)
+        ]
+
+        def mlp(x, w1, b1, w2, b2):
+            hidden = ops.matmul(x, w1) + b1
+            hidden = 0.5 * hidden * (1.0 + ops.erf(hidden * 0.7071067811865476))
+            return ops.matmul(hidden, w2) + b2
+
+        def forward(x):
+            for block in weights:
+                if halves:
+                    half = rows // 2
+                    x = x + ops.concatenate([mlp(x[:half], *block), mlp(x[half:], *block)], axis=0)
+                else:
+                    x = x + mlp(x, *block)
+            return x
+
+        return tf.function(forward)
+
+    with tf.init_scope():
+        runs = []
+        for rows, channels in PROBE_SHAPES:
+            x = tf.constant(rng.standard_normal((rows, channels), dtype=np.float32))
+            for halves in (False, True):
+                function = chain(rows, channels, halves)
+                function(x).numpy()  # trace, then warm up
+                function(x).numpy()
+                runs.append((halves, function, x))
+        seconds = {False: [], True: []}
+        for round_index in range(PROBE_ROUNDS):
+            totals = {False: 0.0, True: 0.0}
+            for halves, function, x in runs if round_index % 2 else runs[::-1]:
+                start = time.perf_counter()
+                function(x).numpy()
+                totals[halves] += time.perf_counter() - start
+            for halves, total in totals.items():
+                seconds[halves].append(total)
+    return statistics.median(seconds[False]) >= PROBE_MIN_SPEEDUP * statistics.median(seconds[True])
 
 
 def shifted_depthwise():
