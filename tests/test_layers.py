@@ -98,3 +98,17 @@ def test_max_pool_equals_keras_max_pool():
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(ours), keras.ops.convert_to_numpy(expected))
     if keras.backend.backend() == "torch":
         assert ours.is_contiguous()
+
+
+def test_every_sublayer_of_a_model_is_built():
+    """Keras' JAX `predict` runs the whole model eagerly before every batch while a sublayer is unbuilt.
+
+    The Dropout and DropPath layers are never called outside training (`layers._regularize`),
+    so their parents must build them.
+    """
+    from conftest import FIXTURE_CONFIG
+    from tfgcvit import GCViT
+
+    model = GCViT(**dict(FIXTURE_CONFIG, depths=(1, 2, 1, 1)), drop_rate=0.1, attn_drop=0.1,
+                  input_shape=(64, 64, 3))
+    assert [layer.name for layer in model._flatten_layers() if not layer.built] == []
