@@ -112,3 +112,26 @@ def test_every_sublayer_of_a_model_is_built():
     model = GCViT(**dict(FIXTURE_CONFIG, depths=(1, 2, 1, 1)), drop_rate=0.1, attn_drop=0.1,
                   input_shape=(64, 64, 3))
     assert [layer.name for layer in model._flatten_layers() if not layer.built] == []
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="the layout copies are those of Keras' PyTorch conv")
+def test_conv_makes_no_layout_copy_on_torch():
+    import torch
+    from torch.profiler import profile
+
+    batch = 3  # tells an activation's copy (leading dimension 3) from a kernel's
+
+    def activation_copies(function, x):
+        with torch.no_grad(), profile(record_shapes=True) as trace:
+            function(x)
+        return sum(event.count for event in trace.key_averages(group_by_input_shape=True)
+                   if event.key == "aten::copy_" and event.input_shapes[0][:1] == [batch])
+
+    x = torch.randn(batch, 16, 16, 4)
+    for conv in (keras.layers.Conv2D(8, 3, strides=2, use_bias=False),
+                 keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False)):
+        conv.build(tuple(x.shape))
+        assert activation_copies(conv, x) >= 2  # Keras' own call: to channels-first memory and back
+        assert activation_copies(lambda v: layers._conv(conv, v), x) == 0
+    assert activation_copies(lambda v: keras.ops.max_pool(v, 3, 2), x) >= 1
+    assert activation_copies(layers._max_pool_3x3_stride2, x) == 0
