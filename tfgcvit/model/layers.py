@@ -67,16 +67,16 @@ def _by_row_halves(function, rows):
     here, tuning off) this is `function(rows)`. The split ops live under a "row_halves"
     name scope, which is how tests find them in a graph.
     """
-    if rows.shape[-1] > ROW_SPLIT_MAX_CHANNELS or not tuning.row_halves():
+    # The shape limits first: `tuning.row_halves()` may time the machine on its first call.
+    static_count = rows.shape[0]
+    out_of_range = static_count is not None and not ROW_SPLIT_MIN_ROWS < static_count <= ROW_SPLIT_MAX_ROWS
+    if rows.shape[-1] > ROW_SPLIT_MAX_CHANNELS or out_of_range or not tuning.row_halves():
         return function(rows)
 
     def halves():
         half = ops.shape(rows)[0] // 2
         return ops.concatenate([function(rows[:half]), function(rows[half:])], axis=0)
 
-    static_count = rows.shape[0]
-    if static_count is not None and not ROW_SPLIT_MIN_ROWS < static_count <= ROW_SPLIT_MAX_ROWS:
-        return function(rows)
     with keras.name_scope("row_halves"):
         if static_count is not None:
             return halves()
@@ -242,11 +242,12 @@ def _conv(layer, x):
     another order: results agree to float rounding. Elsewhere `layer(x)`.
     """
     depthwise = isinstance(layer, layers.DepthwiseConv2D)
-    if depthwise and tuning.shifted_depthwise():
-        return _shifted_depthwise_conv(ops.cast(layer.kernel, x.dtype), x)
-    if keras.backend.backend() != "torch":
+    shifted = depthwise and tuning.shifted_depthwise()
+    if not shifted and keras.backend.backend() != "torch":
         return layer(x)
     kernel = ops.cast(layer.kernel, x.dtype)
+    if shifted:
+        return _shifted_depthwise_conv(kernel, x)
     conv = ops.depthwise_conv if depthwise else ops.conv
     x = _channels_first_view(
         lambda v: conv(v, kernel, strides=layer.strides, padding=layer.padding, data_format="channels_first"),
