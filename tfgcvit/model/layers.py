@@ -68,8 +68,9 @@ def _by_row_halves(function, rows):
     name scope, which is how tests find them in a graph.
     """
     # The shape limits first: `tuning.row_halves()` may time the machine on its first call.
+    # (A count known only symbolically, as in JAX's shape-polymorphic export, cannot be compared.)
     static_count = rows.shape[0]
-    out_of_range = static_count is not None and not ROW_SPLIT_MIN_ROWS < static_count <= ROW_SPLIT_MAX_ROWS
+    out_of_range = isinstance(static_count, int) and not ROW_SPLIT_MIN_ROWS < static_count <= ROW_SPLIT_MAX_ROWS
     if rows.shape[-1] > ROW_SPLIT_MAX_CHANNELS or out_of_range or not tuning.row_halves():
         return function(rows)
 
