@@ -135,3 +135,62 @@ def test_conv_makes_no_layout_copy_on_torch():
         assert activation_copies(lambda v: layers._conv(conv, v), x) == 0
     assert activation_copies(lambda v: keras.ops.max_pool(v, 3, 2), x) >= 1
     assert activation_copies(layers._max_pool_3x3_stride2, x) == 0
+
+
+def _count_layer_calls(monkeypatch):
+    calls = []
+    keras_call = keras.layers.Layer.__call__
+
+    def counting(layer, *args, **kwargs):
+        calls.append(layer.name)
+        return keras_call(layer, *args, **kwargs)
+
+    monkeypatch.setattr(keras.layers.Layer, "__call__", counting)
+    return calls
+
+
+def test_sublayers_skip_keras_call_machinery_on_torch_only(monkeypatch):
+    """`layers._call`: on PyTorch a model's predict goes through Keras' `Layer.__call__` only for
+    the functional model's own layers (about 60 us of Python each); the results are those of
+    Keras' calls. TensorFlow and JAX keep every call."""
+    from conftest import FIXTURE_CONFIG
+    from tfgcvit import GCViT
+
+    model = GCViT(**dict(FIXTURE_CONFIG, depths=(1, 2, 1, 1)), input_shape=(64, 64, 3))
+    x = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype("float32")
+    top_level = {model.name} | {layer.name for layer in model.layers}
+
+    calls = _count_layer_calls(monkeypatch)
+    ours = model.predict_on_batch(x)
+    eager_calls = list(calls)
+    monkeypatch.setattr(layers, "_call", lambda layer, *args, **kwargs: layer(*args, **kwargs))
+    expected = model.predict_on_batch(x)
+
+    np.testing.assert_array_equal(ours, expected)
+    if keras.backend.backend() == "torch":
+        assert set(eager_calls) <= top_level and eager_calls
+    else:  # traced once, at the first predict, with every sublayer call
+        assert set(eager_calls) - top_level
+
+
+@pytest.mark.parametrize("reason", ["quantized", "other dtype"])
+def test_sublayer_shortcut_keeps_keras_call_where_it_does_work(reason):
+    """Where Keras' `__call__` does more than call `call` (quantised kernels, casting inputs
+    to the layer's dtype), `layers._call` is Keras' call."""
+    x = np.random.default_rng(1).normal(size=(4, 8)).astype("float32")
+    if reason == "quantized":
+        dense = keras.layers.Dense(16)
+        dense.build((None, 8))
+        float_output = keras.ops.convert_to_numpy(dense(x))
+        dense.quantize("int8")
+    else:
+        dense = keras.layers.Dense(16, dtype="bfloat16")
+        dense.build((None, 8))
+    x = keras.ops.convert_to_tensor(x)
+    ours, keras_own = layers._call(dense, x), dense(x)
+    assert keras.backend.standardize_dtype(ours.dtype) == keras.backend.standardize_dtype(keras_own.dtype)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(ours), keras.ops.convert_to_numpy(keras_own))
+    if reason == "quantized":
+        assert not np.array_equal(keras.ops.convert_to_numpy(ours), float_output)
+    else:
+        assert keras.backend.standardize_dtype(ours.dtype) == "bfloat16"
