@@ -45,6 +45,8 @@ LABELS = {
     "timm": "timm, PyTorch",
     "onnx-ours": "this port, Keras model.export(format='onnx')",
     "onnx-ours224": "this port, Keras model.export(format='onnx'), input 224x224",
+    "onnx-oursfused": "this port, tfgcvit export_model (norms fused)",
+    "onnx-ours224fused": "this port, tfgcvit export_model (norms fused), input 224x224",
     "onnx-timm": "timm, torch.onnx.export",
 }
 ONNX_DIR = os.path.join(ROOT, "bench", "out", "onnx")
@@ -75,7 +77,9 @@ SUITES = {
     "onnx": [
         (f"onnx-tiny-b{batch}-224", "tiny", batch, 224,
          ["onnx-timm:onnxruntime", "onnx-ours:onnxruntime", "onnx-ours224:onnxruntime",
-          "onnx-timm:openvino", "onnx-ours:openvino", "onnx-ours224:openvino"])
+          "onnx-oursfused:onnxruntime", "onnx-ours224fused:onnxruntime",
+          "onnx-timm:openvino", "onnx-ours:openvino", "onnx-ours224:openvino",
+          "onnx-oursfused:openvino", "onnx-ours224fused:openvino"])
         for batch in (1, 8)
     ],
     "quick": [
@@ -107,7 +111,8 @@ def export_tree(ref, out_dir):
 
 def ensure_onnx_files(model):
     """Writes ours-MODEL.onnx and timm-MODEL.onnx (bench/onnx_export.py) unless both exist."""
-    files = [os.path.join(ONNX_DIR, f"{side}-{model}.onnx") for side in ("ours", "ours224", "timm")]
+    files = [os.path.join(ONNX_DIR, f"{side}-{model}.onnx")
+             for side in ("ours", "ours224", "oursfused", "ours224fused", "timm")]
     if not all(os.path.exists(path) for path in files):
         print(f"exporting the ONNX files of GCViT-{model} ...", flush=True)
         subprocess.check_call([VENV_PYTHON, os.path.join(ROOT, "bench", "onnx_export.py"),
@@ -141,7 +146,7 @@ def make_impl(spec, dtype, out_dir, hide_jax=True, model="tiny"):
         return Impl(spec, label, VENV_PYTHON, ["--impl", "keras", *args], env=env)
     if name == "seed":
         return Impl(spec, label, SEED_PYTHON, ["--impl", "seed", *args])
-    if name in ("onnx-ours", "onnx-ours224", "onnx-timm"):
+    if name in ("onnx-ours", "onnx-ours224", "onnx-oursfused", "onnx-ours224fused", "onnx-timm"):
         side = name[len("onnx-"):]
         layout = "nchw" if side == "timm" else "nhwc"
         return Impl(spec, label, VENV_PYTHON, ["--impl", "onnx", "--onnx-file",

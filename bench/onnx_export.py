@@ -5,6 +5,9 @@
   README documents), NHWC input, dynamic batch, height and width; and
   `ours224-*.onnx`, the same at `input_shape=(224, 224, 3)` (dynamic batch only,
   what timm's file allows);
+- `oursfused-*.onnx` / `ours224fused-*.onnx`: the same files with their layer
+  norms fused (`tfgcvit.export.fuse_layer_norms`), which is what
+  `tfgcvit.export.export_model` (and `tfgcvit export`) writes;
 - timm: `timm.create_model(...)` in eval mode through `torch.onnx.export` (the
   TorchScript exporter, opset 17), NCHW input, dynamic batch.
 
@@ -67,6 +70,13 @@ def main():
     state_dict = export_timm(args.model, theirs)
     export_ours(args.model, state_dict, ours)
     export_ours(args.model, state_dict, ours_fixed, input_shape=(224, 224, 3))
+    # What `tfgcvit.export.export_model` writes: Keras' file with its norms fused.
+    from tfgcvit.export import fuse_layer_norms
+
+    fused = {path: os.path.join(args.out, f"{side}fused-{args.model}.onnx")
+             for path, side in ((ours, "ours"), (ours_fixed, "ours224"))}
+    for path, fused_path in fused.items():
+        fuse_layer_norms(path, fused_path)
 
     import onnxruntime
 
@@ -77,7 +87,7 @@ def main():
 
     reference = run(theirs, np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
     report = {"timm": theirs, "timm_mb": os.path.getsize(theirs) / 1e6}
-    for path in (ours, ours_fixed):
+    for path in (ours, ours_fixed, *fused.values()):
         report[path] = {"mb": os.path.getsize(path) / 1e6,
                         "max_abs_logit_difference_to_timm": float(np.max(np.abs(run(path, x) - reference)))}
     print(json.dumps(report))

@@ -139,6 +139,9 @@ def test_onnx_runs_in_onnxruntime_with_dynamic_batch_and_size(fixture_state_dict
     model = load_torch_weights(GCViT(**FIXTURE_CONFIG, input_shape=(None, None, 3)),
                                fixture_state_dict)
     path = export_model(model, tmp_path / "gcvit.onnx", format="onnx")
+    # Every layer norm is one LayerNormalization node (fuse_layer_norms, on by default).
+    assert _op_counts(path)["LayerNormalization"] == _layer_norm_count(model)
+    assert _op_counts(path)["Sqrt"] == 1  # Keras' own final norm, left as written
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (feed,) = session.get_inputs()
     assert feed.shape[0] != 1 and not isinstance(feed.shape[1], int)  # symbolic dimensions
@@ -179,6 +182,38 @@ def test_keras_own_onnx_export_runs_in_onnxruntime(dynamic_model, cases, tmp_pat
     for images, expected in cases:
         (output,) = session.run(None, {feed.name: images})
         np.testing.assert_allclose(output, expected, rtol=0, atol=1e-5)
+
+    # Keras' file has each norm as ten nodes; fuse_layer_norms rewrites it (opset 15 -> 17).
+    from tfgcvit.export import fuse_layer_norms
+
+    norms = _layer_norm_count(dynamic_model)
+    assert "LayerNormalization" not in op_types and _op_counts(path)["Sqrt"] == norms + 1
+    fused = tmp_path / "fused.onnx"
+    assert fuse_layer_norms(path, fused) == norms
+    counts = _op_counts(fused)
+    assert counts["LayerNormalization"] == norms and counts["Sqrt"] == counts["Reciprocal"] == 1
+    assert max(o.version for o in onnx.load(str(fused)).opset_import if o.domain in ("", "ai.onnx")) == 17
+    session = onnxruntime.InferenceSession(str(fused), providers=["CPUExecutionProvider"])
+    for images, expected in cases:
+        (output,) = session.run(None, {feed.name: images})
+        np.testing.assert_allclose(output, expected, rtol=0, atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="No ONNX file at"):
+        fuse_layer_norms(tmp_path / "missing.onnx")
+
+
+def _op_counts(path):
+    import collections
+
+    import onnx
+
+    return collections.Counter(node.op_type for node in onnx.load(str(path)).graph.node)
+
+
+def _layer_norm_count(model):
+    """The blocks' norms (`layers.LayerNorm`); Keras' own final norm is written in another form."""
+    from tfgcvit.model.layers import LayerNorm
+
+    return sum(isinstance(layer, LayerNorm) for layer in model._flatten_layers())
 
 
 @only_tensorflow
@@ -247,6 +282,10 @@ def test_bad_options_are_rejected_before_tracing(small_model, tmp_path):
         export_model(small_model, tmp_path / "m", format="tf_saved_model", opset_version=17)
     with pytest.raises(ValueError, match="opset_version` must be an integer >= 13"):
         export_model(small_model, tmp_path / "m.onnx", format="onnx", opset_version=9)
+    with pytest.raises(ValueError, match="needs opset_version >= 17"):
+        export_model(small_model, tmp_path / "m.onnx", format="onnx", opset_version=15)
+    with pytest.raises(ValueError, match="fuse_layer_norms` must be True or False"):
+        export_model(small_model, tmp_path / "m.onnx", format="onnx", fuse_layer_norms="yes")
     with pytest.raises(ValueError, match=r"\(batch, height, width, 3\)"):
         export_model(small_model, tmp_path / "m", input_signature=[keras.InputSpec(shape=(None, 64, 64, 4))])
     with pytest.raises(ValueError, match="height 16 is below the minimum of 32"):

@@ -46,12 +46,14 @@ UNSUPPORTED_REASONS = {
 # Keyword arguments accepted per format (besides input_signature and verbose).
 OPTIONS = {
     "tf_saved_model": ("is_static", "jax2tf_kwargs"),
-    "onnx": ("opset_version",),
+    "onnx": ("opset_version", "fuse_layer_norms"),
     # TFLite converter attributes, passed through; Keras rejects unknown ones.
     "litert": None,
 }
 # The oldest ONNX opset tested with GC ViT (tf2onnx's default is newer).
 MIN_ONNX_OPSET = 13
+# ONNX's LayerNormalization node exists from this opset on.
+LAYER_NORM_OPSET = 17
 MIN_SIZE = 32
 
 
@@ -117,7 +119,11 @@ def export_model(model, path, format="tf_saved_model", input_signature=None, ver
             (batch, height, width, channels); defaults to the model's input,
             keeping its None dimensions dynamic.
         verbose: print Keras' export messages.
-        **kwargs: format options: "onnx": `opset_version` (>= 13);
+        **kwargs: format options: "onnx": `opset_version` (>= 13),
+            `fuse_layer_norms` (default True: rewrite each layer norm, which
+            tf2onnx writes as ten elementwise nodes, as one ONNX
+            `LayerNormalization` node, which ONNX Runtime runs as one kernel;
+            the file's opset becomes at least 17; see `fuse_layer_norms`);
             "tf_saved_model" on JAX: `jax2tf_kwargs`, `is_static`;
             "litert": TFLite converter attributes such as `optimizations`.
 
@@ -155,12 +161,22 @@ def export_model(model, path, format="tf_saved_model", input_signature=None, ver
     if not getattr(model, "_called", True):
         _run_once(model)
 
+    fuse = False
     if format == "onnx":
         opset = kwargs.get("opset_version")
         if opset is not None and (not isinstance(opset, int) or opset < MIN_ONNX_OPSET):
             raise ValueError(
                 f"`opset_version` must be an integer >= {MIN_ONNX_OPSET} (the oldest opset "
                 f"tested with GC ViT); got {opset!r}."
+            )
+        fuse = kwargs.pop("fuse_layer_norms", True)
+        if not isinstance(fuse, bool):
+            raise ValueError(f"`fuse_layer_norms` must be True or False; got {fuse!r}.")
+        if fuse and opset is not None and opset < LAYER_NORM_OPSET:
+            raise ValueError(
+                f"`fuse_layer_norms` needs opset_version >= {LAYER_NORM_OPSET} (ONNX's "
+                f"LayerNormalization); got {opset}. Pass fuse_layer_norms=False to keep "
+                f"opset {opset}."
             )
     if format == "tf_saved_model" and backend == "jax":
         # jax2tf would also serialise gradients, which fails on the random-seed
@@ -173,7 +189,247 @@ def export_model(model, path, format="tf_saved_model", input_signature=None, ver
     with tuning.disabled():
         model.export(str(path), format=format, verbose=verbose, input_signature=input_signature,
                      **kwargs)
+    if fuse:
+        fuse_layer_norms(path)
     return path
+
+
+def fuse_layer_norms(path, output_path=None):
+    """Rewrites the layer norms of an ONNX file from Keras' export as `LayerNormalization` nodes.
+
+    tf2onnx writes each of GC ViT's layer norms as ten elementwise nodes
+    (ReduceMean, Sub, Mul, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul, Add),
+    which ONNX Runtime runs as ten passes over the tensor and does not fuse.
+    Where tf2onnx moved a norm into channels-first layout (reducing over axis 1
+    of a 4-D tensor), the node is wrapped in two transposes. The file's opset
+    is raised to 17 (ONNX's `version_converter`) where it is older. Outputs
+    agree with the unfused file to float rounding.
+
+    Args:
+        path: an ONNX file from `export_model(..., format="onnx",
+            fuse_layer_norms=False)` or Keras' `model.export(path, format="onnx")`.
+        output_path: where to write the result (default: `path`, in place).
+
+    Returns:
+        The number of norms rewritten.
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+    """
+    import os
+
+    import onnx
+    from onnx import version_converter
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No ONNX file at {str(path)!r}; export one first.")
+    model = onnx.load(str(path))
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if opset < LAYER_NORM_OPSET:
+        model = version_converter.convert_version(model, LAYER_NORM_OPSET)
+    count = _LayerNormFusion(model).run()
+    onnx.save(model, str(output_path or path))
+    return count
+
+
+class _LayerNormFusion:
+    """Finds tf2onnx's layer-norm pattern in a graph and replaces it (see `fuse_layer_norms`).
+
+    Matched from its Sqrt: x -> ReduceMean (-> Reshape) -> Sub(x, mean) = d;
+    Mul(d, d) -> ReduceMean -> Add(eps) -> Sqrt -> Reciprocal -> Mul(d, .)
+    [-> Mul(gamma)] [-> Add(beta)], both reductions over the same single axis,
+    the last one or axis 1 of a 4-D tensor. tf2onnx drops a gamma of ones and a
+    beta of zeros; the node then gets ones (from the inferred channel count).
+    """
+
+    def __init__(self, model):
+        import onnx
+
+        self.onnx = onnx
+        self.graph = model.graph
+        self.producer = {out: node for node in self.graph.node for out in node.output}
+        self.consumers = {}
+        for node in self.graph.node:
+            for name in dict.fromkeys(node.input):
+                self.consumers.setdefault(name, []).append(node)
+        self.initializers = {init.name: init for init in self.graph.initializer}
+        self.position = {id(node): i for i, node in enumerate(self.graph.node)}
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+        self.shapes = {
+            value.name: [dim.dim_value if dim.HasField("dim_value") else None
+                         for dim in value.type.tensor_type.shape.dim]
+            for value in list(inferred.value_info) + list(inferred.input) + list(inferred.output)
+        }
+
+    def run(self):
+        replacements, removed = {}, set()
+        for sqrt in [node for node in self.graph.node if node.op_type == "Sqrt"]:
+            match = self._match(sqrt)
+            if match is None or removed & {id(node) for node in match["nodes"]}:
+                continue
+            removed |= {id(node) for node in match["nodes"]}
+            # The new nodes go where the last matched node was, after everything they read.
+            last = max(match["nodes"], key=lambda node: self.position[id(node)])
+            replacements[id(last)] = self._layer_norm(match)
+        nodes = []
+        for node in self.graph.node:
+            if id(node) in replacements:
+                nodes.extend(replacements[id(node)])
+            elif id(node) not in removed:
+                nodes.append(node)
+        del self.graph.node[:]
+        self.graph.node.extend(nodes)
+        return len(replacements)
+
+    def _constant(self, name):
+        from onnx import numpy_helper
+
+        if name in self.initializers:
+            return numpy_helper.to_array(self.initializers[name])
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant" and node.attribute[0].name == "value":
+            return numpy_helper.to_array(node.attribute[0].t)
+        return None
+
+    def _made_by(self, name, op_type):
+        node = self.producer.get(name)
+        return node if node is not None and node.op_type == op_type else None
+
+    def _sole_consumer(self, name, op_type):
+        users = self.consumers.get(name, [])
+        return users[0] if len(users) == 1 and users[0].op_type == op_type else None
+
+    def _axes(self, node):
+        for attribute in node.attribute:
+            if attribute.name == "axes":
+                return list(attribute.ints)
+        if len(node.input) > 1:  # opset 18 and later: axes as an input
+            axes = self._constant(node.input[1])
+            return None if axes is None else [int(a) for a in axes.reshape(-1)]
+        return None
+
+    def _scalar(self, name):
+        value = self._constant(name)
+        return None if value is None or value.size != 1 else float(value.reshape(-1)[0])
+
+    def _other_input(self, node, name):
+        others = [i for i in node.input if i != name]
+        return others[0] if len(others) == 1 else None
+
+    def _keeps_shape(self, reshape):
+        """Whether a Reshape returns its input's shape: every target size copies (0) or
+        equals the input's, but for at most one -1."""
+        shape, target = self.shapes.get(reshape.input[0]), self._constant(reshape.input[1])
+        if shape is None or target is None or len(shape) != target.size:
+            return False
+        unmatched = [i for i, (size, new) in enumerate(zip(shape, target.tolist()))
+                     if not (new == 0 or (size is not None and new == size))]
+        return unmatched == [] or (len(unmatched) == 1 and target.tolist()[unmatched[0]] == -1)
+
+    def _match(self, sqrt):
+        # Statistics: x -> ReduceMean (-> Reshape) -> Sub = d; d * d -> ReduceMean -> Add(eps) -> Sqrt.
+        add_eps = self._made_by(sqrt.input[0], "Add")
+        variance = add_eps and next(
+            (self._made_by(i, "ReduceMean") for i in add_eps.input if self._made_by(i, "ReduceMean")),
+            None)
+        if not variance:
+            return None
+        epsilon = self._scalar(self._other_input(add_eps, variance.output[0]))
+        square = self._made_by(variance.input[0], "Mul")
+        if epsilon is None or square is None or square.input[0] != square.input[1]:
+            return None
+        centre = self._made_by(square.input[0], "Sub")
+        if centre is None:
+            return None
+        x, mean = centre.input[0], self.producer.get(centre.input[1])
+        single_use = [square, variance, add_eps, sqrt]
+        if mean is not None and mean.op_type == "Reshape":
+            # tf2onnx's stand-in for a transpose of the mean (a singleton axis moved).
+            if not self._keeps_shape(mean):
+                return None
+            single_use.append(mean)
+            mean = self.producer.get(mean.input[0])
+        if mean is None or mean.op_type != "ReduceMean" or mean.input[0] != x:
+            return None
+        single_use.append(mean)
+        shape, axes = self.shapes.get(x), self._axes(mean)
+        if not shape or axes is None or len(axes) != 1 or axes != self._axes(variance):
+            return None
+        rank = len(shape)
+        axis = axes[0] % rank
+        channels = shape[axis]
+        if channels is None or not (axis == rank - 1 or (axis == 1 and rank == 4)):
+            return None
+
+        def per_channel(node, name):
+            """The constant other input of `node`, if it holds one value per channel."""
+            other = node and self._other_input(node, name)
+            value = None if not other else self._constant(other)
+            if value is None:
+                return None
+            expected = [1] * rank
+            expected[axis] = channels
+            return value.reshape(-1) if [1] * (rank - value.ndim) + list(value.shape) == expected else None
+
+        # Normalisation: d * Reciprocal(Sqrt), with gamma either folded into the reciprocal
+        # (Grappler's order) or multiplied afterwards, then + beta; tf2onnx drops a gamma
+        # of ones and a beta of zeros.
+        scale = self._sole_consumer(sqrt.output[0], "Reciprocal")
+        if scale is None:
+            return None
+        single_use.append(scale)
+        weights = {}
+        after = self._sole_consumer(scale.output[0], "Mul")
+        gamma = after and centre.output[0] not in after.input and per_channel(after, scale.output[0])
+        if gamma is not None and gamma is not False:
+            weights["gamma"] = gamma
+            scale = after
+            single_use.append(scale)
+        normalize = self._sole_consumer(scale.output[0], "Mul")
+        if normalize is None or set(normalize.input) != {centre.output[0], scale.output[0]}:
+            return None
+        if any(len(self.consumers.get(node.output[0], [])) != 1 for node in single_use):
+            return None
+        if {id(node) for node in self.consumers[centre.output[0]]} != {id(square), id(normalize)}:
+            return None
+        nodes, output = [centre, normalize] + single_use, normalize.output[0]
+        for op_type, role in (("Mul", "gamma"), ("Add", "beta")):
+            if role in weights:
+                continue
+            node = self._sole_consumer(output, op_type)
+            value = per_channel(node, output)
+            if value is not None:
+                weights[role] = value
+                nodes.append(node)
+                output = node.output[0]
+        return {"x": x, "axis": axis, "rank": rank, "epsilon": epsilon, "channels": channels,
+                "gamma": weights.get("gamma"), "beta": weights.get("beta"), "nodes": nodes,
+                "output": output, "name": sqrt.name}
+
+    def _layer_norm(self, match):
+        import numpy as np
+        from onnx import helper, numpy_helper
+
+        channels, name = match["channels"], match["name"] + "/LayerNormalization"
+        gamma = match["gamma"] if match["gamma"] is not None else np.ones(channels, np.float32)
+        inputs = []
+        for suffix, value in (("gamma", gamma), ("beta", match["beta"])):
+            if value is not None:
+                tensor = numpy_helper.from_array(np.asarray(value, np.float32), f"{name}/{suffix}")
+                self.graph.initializer.append(tensor)
+                inputs.append(tensor.name)
+        if match["axis"] == match["rank"] - 1:
+            return [helper.make_node("LayerNormalization", [match["x"]] + inputs, [match["output"]],
+                                     axis=-1, epsilon=match["epsilon"], name=name)]
+        # Channels-first (N, C, H, W), as tf2onnx laid it out: normalise channels last.
+        return [
+            helper.make_node("Transpose", [match["x"]], [name + "/nhwc"], perm=[0, 2, 3, 1],
+                             name=name + "/to_nhwc"),
+            helper.make_node("LayerNormalization", [name + "/nhwc"] + inputs, [name + "/out"],
+                             axis=-1, epsilon=match["epsilon"], name=name),
+            helper.make_node("Transpose", [name + "/out"], [match["output"]], perm=[0, 3, 1, 2],
+                             name=name + "/to_nchw"),
+        ]
 
 
 def quantize_onnx(path, output_path, per_channel=True):
