@@ -197,13 +197,15 @@ def export_model(model, path, format="tf_saved_model", input_signature=None, ver
 def fuse_layer_norms(path, output_path=None):
     """Rewrites the layer norms of an ONNX file from Keras' export as `LayerNormalization` nodes.
 
-    tf2onnx writes each of GC ViT's layer norms as ten elementwise nodes
-    (ReduceMean, Sub, Mul, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul, Add),
-    which ONNX Runtime runs as ten passes over the tensor and does not fuse.
-    Where tf2onnx moved a norm into channels-first layout (reducing over axis 1
-    of a 4-D tensor), the node is wrapped in two transposes. The file's opset
-    is raised to 17 (ONNX's `version_converter`) where it is older. Outputs
-    agree with the unfused file to float rounding.
+    tf2onnx writes each norm of GC ViT's blocks (`tfgcvit.model.layers.LayerNorm`)
+    as ten elementwise nodes (ReduceMean, Sub, Mul, ReduceMean, Add, Sqrt,
+    Reciprocal, Mul, Mul, Add), which ONNX Runtime neither fuses nor runs in
+    one pass. Where tf2onnx moved a norm into channels-first layout (reducing
+    over axis 1 of a 4-D tensor), the node is wrapped in two transposes.
+    Other forms (Keras' own `LayerNormalization`, the model's final norm)
+    are left as written. The file's opset is raised to 17 (ONNX's
+    `version_converter`) where it is older. Outputs agree with the unfused
+    file to float rounding.
 
     Args:
         path: an ONNX file from `export_model(..., format="onnx",
