@@ -50,6 +50,8 @@ LABELS = {
     "onnx-timm": "timm, torch.onnx.export",
 }
 ONNX_DIR = os.path.join(ROOT, "bench", "out", "onnx")
+# The files bench/onnx_export.py writes, as "<side>-<model>.onnx".
+ONNX_SIDES = ("ours", "ours224", "oursfused", "ours224fused", "timm")
 
 SUITES = {
     # (group name, model, batch, size, implementations)
@@ -110,9 +112,8 @@ def export_tree(ref, out_dir):
 
 
 def ensure_onnx_files(model):
-    """Writes ours-MODEL.onnx and timm-MODEL.onnx (bench/onnx_export.py) unless both exist."""
-    files = [os.path.join(ONNX_DIR, f"{side}-{model}.onnx")
-             for side in ("ours", "ours224", "oursfused", "ours224fused", "timm")]
+    """Writes the ONNX_SIDES files of MODEL (bench/onnx_export.py) unless all exist."""
+    files = [os.path.join(ONNX_DIR, f"{side}-{model}.onnx") for side in ONNX_SIDES]
     if not all(os.path.exists(path) for path in files):
         print(f"exporting the ONNX files of GCViT-{model} ...", flush=True)
         subprocess.check_call([VENV_PYTHON, os.path.join(ROOT, "bench", "onnx_export.py"),
@@ -146,7 +147,7 @@ def make_impl(spec, dtype, out_dir, hide_jax=True, model="tiny"):
         return Impl(spec, label, VENV_PYTHON, ["--impl", "keras", *args], env=env)
     if name == "seed":
         return Impl(spec, label, SEED_PYTHON, ["--impl", "seed", *args])
-    if name in ("onnx-ours", "onnx-ours224", "onnx-oursfused", "onnx-ours224fused", "onnx-timm"):
+    if name.startswith("onnx-") and name[len("onnx-"):] in ONNX_SIDES:
         side = name[len("onnx-"):]
         layout = "nchw" if side == "timm" else "nhwc"
         return Impl(spec, label, VENV_PYTHON, ["--impl", "onnx", "--onnx-file",

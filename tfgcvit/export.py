@@ -194,6 +194,13 @@ def export_model(model, path, format="tf_saved_model", input_signature=None, ver
     return path
 
 
+def _require_onnx_file(path):
+    import os
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No ONNX file at {str(path)!r}; export one first.")
+
+
 def fuse_layer_norms(path, output_path=None):
     """Rewrites the layer norms of an ONNX file from Keras' export as `LayerNormalization` nodes.
 
@@ -204,9 +211,9 @@ def fuse_layer_norms(path, output_path=None):
     over axis 1 of a 4-D tensor), the node is wrapped in two transposes.
     Other forms (Keras' own `LayerNormalization`, the model's final norm, and
     the occasional block norm tf2onnx lays out differently: its output varies
-    between processes, 0-2 of 26 in the tests' model) are left as written. The file's opset is raised to 17 (ONNX's
-    `version_converter`) where it is older. Outputs agree with the unfused
-    file to float rounding.
+    between processes, 0-2 of 26 in the tests' model) are left as written.
+    The file's opset is raised to 17 (ONNX's `version_converter`) where it is
+    older. Outputs agree with the unfused file to float rounding.
 
     Args:
         path: an ONNX file from `export_model(..., format="onnx",
@@ -219,13 +226,10 @@ def fuse_layer_norms(path, output_path=None):
     Raises:
         FileNotFoundError: `path` does not exist.
     """
-    import os
-
     import onnx
     from onnx import version_converter
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"No ONNX file at {str(path)!r}; export one first.")
+    _require_onnx_file(path)
     model = onnx.load(str(path))
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     if opset < LAYER_NORM_OPSET:
@@ -248,7 +252,6 @@ class _LayerNormFusion:
     def __init__(self, model):
         import onnx
 
-        self.onnx = onnx
         self.graph = model.graph
         self.producer = {out: node for node in self.graph.node for out in node.output}
         self.consumers = {}
@@ -332,10 +335,10 @@ class _LayerNormFusion:
     def _match(self, sqrt):
         # Statistics: x -> ReduceMean (-> Reshape) -> Sub = d; d * d -> ReduceMean -> Add(eps) -> Sqrt.
         add_eps = self._made_by(sqrt.input[0], "Add")
-        variance = add_eps and next(
-            (self._made_by(i, "ReduceMean") for i in add_eps.input if self._made_by(i, "ReduceMean")),
-            None)
-        if not variance:
+        if add_eps is None:
+            return None
+        variance = next(filter(None, (self._made_by(i, "ReduceMean") for i in add_eps.input)), None)
+        if variance is None:
             return None
         epsilon = self._scalar(self._other_input(add_eps, variance.output[0]))
         square = self._made_by(variance.input[0], "Mul")
@@ -383,8 +386,10 @@ class _LayerNormFusion:
         single_use.append(scale)
         weights = {}
         after = self._sole_consumer(scale.output[0], "Mul")
-        gamma = after and centre.output[0] not in after.input and per_channel(after, scale.output[0])
-        if gamma is not None and gamma is not False:
+        gamma = None
+        if after is not None and centre.output[0] not in after.input:
+            gamma = per_channel(after, scale.output[0])
+        if gamma is not None:
             weights["gamma"] = gamma
             scale = after
             single_use.append(scale)
@@ -456,12 +461,9 @@ def quantize_onnx(path, output_path, per_channel=True):
     Raises:
         FileNotFoundError: `path` does not exist.
     """
-    import os
-
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"No ONNX file at {str(path)!r}; export one first.")
+    _require_onnx_file(path)
     quantize_dynamic(str(path), str(output_path), per_channel=per_channel,
                      weight_type=QuantType.QInt8)
     return output_path

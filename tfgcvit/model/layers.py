@@ -181,10 +181,10 @@ def _call(layer, *args, **kwargs):
     (dense layers, norms, attention, MLPs, blocks). Inside a parent's `call`
     that work is already done: the parent's `__call__` converted and cast
     the inputs and opened the autocast scope, our parents build their
-    sublayers and pass `training` on. So on PyTorch a sublayer that shares
-    that setting (built, compute dtype equal to its variable dtype or to the
-    input's, not quantised, no rematerialisation or activity regulariser) is
-    called as `layer.call(...)`: the same computation without the wrapper.
+    sublayers and pass `training` on. So on PyTorch a built sublayer whose
+    input already has its compute dtype, and that is not quantised and has no
+    rematerialisation or activity regulariser, is called as
+    `layer.call(...)`: the same computation without the wrapper.
     TensorFlow and JAX trace the model once, so there nothing is saved and
     Keras' call (with its name scopes) is kept.
     """
