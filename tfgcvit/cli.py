@@ -619,10 +619,6 @@ def _explain(args):
 
     from tfgcvit import explain
 
-    try:
-        explain._colormap()
-    except ImportError as error:
-        raise CommandError(str(error)) from None
     resolved = _resolve_model(args)
     names = _class_names(resolved["classes"], args.labels)
     class_index = _class_from_argument(args.explain_class, names)

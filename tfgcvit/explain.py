@@ -9,7 +9,7 @@ main function):
 - `global_attention(model, inputs)`: the raw attention probabilities of every
   global-attention block;
 - `render(image, explanation)`: the picture `tfgcvit explain` writes, as a
-  Pillow image (needs matplotlib: ``pip install "tfgcvit[explain]"``).
+  Pillow image.
 
 Command line: ``tfgcvit explain IMAGE... [--class NAME|INDEX] [--out DIR]``
 writes one PNG per image (the CLI calls `add_arguments` on its subparser and
@@ -51,10 +51,26 @@ from tfgcvit.model.layers import window_partition, window_reverse
 from tfgcvit.model.gcvit import NUM_STAGES
 
 METHODS = ("hirescam", "gradcam")
-COLORMAP = "turbo"
 OVERLAY_ALPHA = 0.5
 TOP = 5
-MATPLOTLIB_MISSING = 'rendering the pictures needs matplotlib: pip install "tfgcvit[explain]"'
+# The "turbo" colour map (Mikhailov, Google, 2019; Apache 2.0) at 33 evenly spaced
+# points, read from matplotlib's table, between which `turbo` interpolates linearly
+# (within 6/255 of matplotlib's map). Written out rather than imported: Keras
+# imports matplotlib.pyplot whenever matplotlib is installed, which added 40-60 MiB
+# to the peak memory of every process (BENCHMARKS.md, issue 12 round 6).
+TURBO = np.array([
+    (0.1900, 0.0718, 0.2322), (0.2250, 0.1635, 0.4510), (0.2511, 0.2524, 0.6337),
+    (0.2682, 0.3382, 0.7805), (0.2763, 0.4212, 0.8912), (0.2754, 0.5011, 0.9659),
+    (0.2586, 0.5796, 0.9988), (0.2138, 0.6589, 0.9796), (0.1584, 0.7355, 0.9231),
+    (0.1117, 0.8057, 0.8452), (0.0927, 0.8655, 0.7623), (0.1201, 0.9119, 0.6866),
+    (0.1966, 0.9490, 0.5947), (0.3051, 0.9770, 0.4899), (0.4278, 0.9942, 0.3857),
+    (0.5466, 0.9991, 0.2958), (0.6436, 0.9900, 0.2336), (0.7260, 0.9647, 0.2064),
+    (0.8047, 0.9245, 0.2046), (0.8753, 0.8727, 0.2155), (0.9330, 0.8124, 0.2267),
+    (0.9732, 0.7468, 0.2254), (0.9931, 0.6741, 0.2035), (0.9959, 0.5870, 0.1690),
+    (0.9836, 0.4929, 0.1285), (0.9580, 0.3996, 0.0883), (0.9211, 0.3149, 0.0548),
+    (0.8742, 0.2453, 0.0330), (0.8161, 0.1846, 0.0181), (0.7462, 0.1310, 0.0085),
+    (0.6645, 0.0844, 0.0042), (0.5710, 0.0447, 0.0053), (0.4796, 0.0158, 0.0106),
+])
 # model -> (explainer, head). Not an attribute of the model: Keras would track
 # the sub-models as its layers and save them with its weights.
 _PARTS = weakref.WeakKeyDictionary()
@@ -378,12 +394,11 @@ def explain_image(model, image, class_index=None, method="hirescam"):
 # Rendering ----------------------------------------------------------------------
 
 
-def _colormap():
-    try:
-        from matplotlib import colormaps
-    except ImportError:
-        raise ImportError(MATPLOTLIB_MISSING) from None
-    return colormaps[COLORMAP]
+def turbo(values):
+    """RGB colours in [0, 1], shape (..., 3), of values in [0, 1] (clipped), blue low, red high."""
+    values = np.clip(np.asarray(values, np.float64), 0.0, 1.0)
+    points = np.linspace(0.0, 1.0, len(TURBO))
+    return np.stack([np.interp(values, points, TURBO[:, channel]) for channel in range(3)], axis=-1)
 
 
 def _font(size):
@@ -393,8 +408,8 @@ def _font(size):
         return ImageFont.load_default()
 
 
-def _overlay(image, values, colormap):
-    heat = colormap(values)[..., :3] * 255.0
+def _overlay(image, values):
+    heat = turbo(values) * 255.0
     return Image.fromarray(np.uint8(np.round((1 - OVERLAY_ALPHA) * image + OVERLAY_ALPHA * heat)))
 
 
@@ -415,11 +430,7 @@ def render(image, explanation, labels=None):
     Returns:
         A Pillow RGB image: six panels side by side with captions and a
         colour scale.
-
-    Raises:
-        ImportError: matplotlib is not installed.
     """
-    colormap = _colormap()
     image = np.asarray(image, np.float32)
     height, width = image.shape[:2]
     probabilities = explanation["probabilities"]
@@ -438,10 +449,10 @@ def render(image, explanation, labels=None):
 
     chosen = labels[explanation["class_index"]]
     panels = [(first, "input, top-5"),
-              (_overlay(image, explanation["cam"], colormap), f"{explanation.get('method', 'hirescam')}: {chosen}")]
+              (_overlay(image, explanation["cam"]), f"{explanation.get('method', 'hirescam')}: {chosen}")]
     for name, values in explanation["attention"].items():
         h, w = explanation["attention_tokens"][name].shape
-        panels.append((_overlay(image, values, colormap), f"{name} global attention ({h}x{w})"))
+        panels.append((_overlay(image, values), f"{name} global attention ({h}x{w})"))
 
     band, scale = caption.size + 8, 12
     canvas = Image.new("RGB", (width * len(panels), band + height + scale + band), "white")
@@ -449,7 +460,7 @@ def render(image, explanation, labels=None):
     for i, (panel, title) in enumerate(panels):
         canvas.paste(panel, (i * width, band))
         draw.text((i * width + 4, 4), _fit(draw, title, caption, width - 8), font=caption, fill=(0, 0, 0))
-    ramp = colormap(np.linspace(0.0, 1.0, width * len(panels)))[None, :, :3] * 255.0
+    ramp = turbo(np.linspace(0.0, 1.0, width * len(panels)))[None] * 255.0
     canvas.paste(Image.fromarray(np.uint8(np.repeat(ramp, scale, axis=0))), (0, band + height + 2))
     draw.text((4, band + height + scale + 4), "0 (low)", font=font, fill=(0, 0, 0))
     note = "each map scaled to its own range"
