@@ -45,8 +45,8 @@ LABELS = {
     "timm": "timm, PyTorch",
     "onnx-ours": "this port, Keras model.export(format='onnx')",
     "onnx-ours224": "this port, Keras model.export(format='onnx'), input 224x224",
-    "onnx-oursfused": "this port, tfgcvit export_model (norms fused)",
-    "onnx-ours224fused": "this port, tfgcvit export_model (norms fused), input 224x224",
+    "onnx-oursfused": "this port, tfgcvit export_model (optimize_onnx)",
+    "onnx-ours224fused": "this port, tfgcvit export_model (optimize_onnx), input 224x224",
     "onnx-timm": "timm, torch.onnx.export",
 }
 ONNX_DIR = os.path.join(ROOT, "bench", "out", "onnx")

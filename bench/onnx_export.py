@@ -5,8 +5,8 @@
   README documents), NHWC input, dynamic batch, height and width; and
   `ours224-*.onnx`, the same at `input_shape=(224, 224, 3)` (dynamic batch only,
   what timm's file allows);
-- `oursfused-*.onnx` / `ours224fused-*.onnx`: the same files with their layer
-  norms fused (`tfgcvit.export.fuse_layer_norms`), which is what
+- `oursfused-*.onnx` / `ours224fused-*.onnx`: the same files rewritten by
+  `tfgcvit.export.optimize_onnx` (layer norms fused, GELUs in ONNX Runtime's form), which is what
   `tfgcvit.export.export_model` (and `tfgcvit export`) writes;
 - timm: `timm.create_model(...)` in eval mode through `torch.onnx.export` (the
   TorchScript exporter, opset 17), NCHW input, dynamic batch.
@@ -70,13 +70,13 @@ def main():
     state_dict = export_timm(args.model, theirs)
     export_ours(args.model, state_dict, ours)
     export_ours(args.model, state_dict, ours_fixed, input_shape=(224, 224, 3))
-    # What `tfgcvit.export.export_model` writes: Keras' file with its norms fused.
-    from tfgcvit.export import fuse_layer_norms
+    # What `tfgcvit.export.export_model` writes: Keras' file through optimize_onnx.
+    from tfgcvit.export import optimize_onnx
 
     fused = {path: os.path.join(args.out, f"{side}fused-{args.model}.onnx")
              for path, side in ((ours, "ours"), (ours_fixed, "ours224"))}
     for path, fused_path in fused.items():
-        fuse_layer_norms(path, fused_path)
+        optimize_onnx(path, fused_path)
 
     import onnxruntime
 

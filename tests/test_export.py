@@ -139,8 +139,9 @@ def test_onnx_runs_in_onnxruntime_with_dynamic_batch_and_size(fixture_state_dict
     model = load_torch_weights(GCViT(**FIXTURE_CONFIG, input_shape=(None, None, 3)),
                                fixture_state_dict)
     path = export_model(model, tmp_path / "gcvit.onnx", format="onnx")
-    # The layer norms are LayerNormalization nodes (fuse_layer_norms, on by default).
+    # The layer norms are LayerNormalization nodes, the GELUs in ONNX Runtime's form (optimize_onnx).
     _assert_norms_fused(_op_counts(path), _layer_norm_count(model))
+    _assert_gelus_divide(path)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (feed,) = session.get_inputs()
     assert feed.shape[0] != 1 and not isinstance(feed.shape[1], int)  # symbolic dimensions
@@ -182,23 +183,27 @@ def test_keras_own_onnx_export_runs_in_onnxruntime(dynamic_model, cases, tmp_pat
         (output,) = session.run(None, {feed.name: images})
         np.testing.assert_allclose(output, expected, rtol=0, atol=1e-5)
 
-    # Keras' file has each norm as ten nodes; fuse_layer_norms rewrites it (opset 15 -> 17).
-    from tfgcvit.export import fuse_layer_norms
+    # Keras' file has each norm as ten nodes and GELUs that ONNX Runtime does not fuse;
+    # optimize_onnx rewrites both (opset 15 -> 17).
+    from tfgcvit.export import optimize_onnx
 
     norms = _layer_norm_count(dynamic_model)
     assert "LayerNormalization" not in op_types and _op_counts(path)["Sqrt"] == norms + 1
+    assert _ort_fused_gelus(path) == 0
     fused = tmp_path / "fused.onnx"
-    rewritten = fuse_layer_norms(path, fused)
+    rewritten = optimize_onnx(path, fused)
     counts = _op_counts(fused)
-    assert rewritten == counts["LayerNormalization"]
+    assert rewritten == {"layer_norms": counts["LayerNormalization"], "gelus": counts["Erf"]}
     _assert_norms_fused(counts, norms)
+    _assert_gelus_divide(fused)
+    assert _ort_fused_gelus(fused) > 0
     assert max(o.version for o in onnx.load(str(fused)).opset_import if o.domain in ("", "ai.onnx")) == 17
     session = onnxruntime.InferenceSession(str(fused), providers=["CPUExecutionProvider"])
     for images, expected in cases:
         (output,) = session.run(None, {feed.name: images})
         np.testing.assert_allclose(output, expected, rtol=0, atol=1e-5)
     with pytest.raises(FileNotFoundError, match="No ONNX file at"):
-        fuse_layer_norms(tmp_path / "missing.onnx")
+        optimize_onnx(tmp_path / "missing.onnx")
 
 
 def _assert_norms_fused(counts, norms):
@@ -206,11 +211,33 @@ def _assert_norms_fused(counts, norms):
 
     tf2onnx's graph varies between processes (it iterates in hash order): over three
     PYTHONHASHSEED values, 0-2 of the fixture's 26 block norms came in a form
-    `fuse_layer_norms` does not match; those stay as written, nothing is half-rewritten.
+    `optimize_onnx` does not match; those stay as written, nothing is half-rewritten.
     """
     fused = counts["LayerNormalization"]
     assert norms - 2 <= fused <= norms
     assert counts["Sqrt"] == counts["Reciprocal"] == norms - fused + 1
+
+
+def _assert_gelus_divide(path):
+    """Every GELU's erf argument is x / sqrt(2), the form ONNX Runtime fuses."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    erfs = [node for node in graph.node if node.op_type == "Erf"]
+    assert erfs and all(producer[node.input[0]].op_type == "Div" for node in erfs)
+
+
+def _ort_fused_gelus(path):
+    """How many Gelu kernels ONNX Runtime makes of the file's nodes."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(path) + ".ort.onnx"
+    options.log_severity_level = 3
+    onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    counts = _op_counts(options.optimized_model_filepath)
+    return counts["Gelu"] + counts["BiasGelu"]
 
 
 def _op_counts(path):
@@ -296,8 +323,8 @@ def test_bad_options_are_rejected_before_tracing(small_model, tmp_path):
         export_model(small_model, tmp_path / "m.onnx", format="onnx", opset_version=9)
     with pytest.raises(ValueError, match="needs opset_version >= 17"):
         export_model(small_model, tmp_path / "m.onnx", format="onnx", opset_version=15)
-    with pytest.raises(ValueError, match="fuse_layer_norms` must be True or False"):
-        export_model(small_model, tmp_path / "m.onnx", format="onnx", fuse_layer_norms="yes")
+    with pytest.raises(ValueError, match="optimize` must be True or False"):
+        export_model(small_model, tmp_path / "m.onnx", format="onnx", optimize="yes")
     with pytest.raises(ValueError, match=r"\(batch, height, width, 3\)"):
         export_model(small_model, tmp_path / "m", input_signature=[keras.InputSpec(shape=(None, 64, 64, 4))])
     with pytest.raises(ValueError, match="height 16 is below the minimum of 32"):
