@@ -210,11 +210,11 @@ def optimize_onnx(path, output_path=None):
     Layer norms: tf2onnx writes each norm of GC ViT's blocks (`tfgcvit.model.layers.LayerNorm`)
     as ten elementwise nodes (ReduceMean, Sub, Mul, ReduceMean, Add, Sqrt,
     Reciprocal, Mul, Mul, Add), which ONNX Runtime neither fuses nor runs in
-    one pass. Where tf2onnx moved a norm into channels-first layout (reducing
-    over axis 1 of a 4-D tensor), the node is wrapped in two transposes.
-    Other forms (Keras' own `LayerNormalization`, the model's final norm, and
-    the occasional block norm tf2onnx lays out differently: its output varies
-    between processes, 0-2 of 26 in the tests' model) are left as written.
+    one pass, sometimes with the mean reshaped away and back (the layout
+    varies with tf2onnx's hash order). Where tf2onnx moved a norm into
+    channels-first layout (reducing over axis 1 of a 4-D tensor), the node is
+    wrapped in two transposes. Keras' own `LayerNormalization` (the model's
+    final norm) is written in another form and left as it is.
     The file's opset is raised to 17 (ONNX's `version_converter`) where it is
     older.
 
@@ -255,7 +255,8 @@ def optimize_onnx(path, output_path=None):
 class _Rewrite:
     """The rewrites of `optimize_onnx`, on one graph.
 
-    Layer norms are matched from their Sqrt: x -> ReduceMean (-> Reshape) -> Sub(x, mean) = d;
+    Layer norms are matched from their Sqrt: x -> ReduceMean (-> Reshape/Unsqueeze/Squeeze
+    back to its own shape) -> Sub(x, mean) = d;
     Mul(d, d) -> ReduceMean -> Add(eps) -> Sqrt -> Reciprocal -> Mul(d, .)
     [-> Mul(gamma)] [-> Add(beta)], both reductions over the same single axis,
     the last one or axis 1 of a 4-D tensor. tf2onnx drops a gamma of ones and a
@@ -356,18 +357,69 @@ class _Rewrite:
         others = [i for i in node.input if i != name]
         return others[0] if len(others) == 1 else None
 
-    def _keeps_shape(self, reshape):
-        """Whether a Reshape returns its input's shape: every target size copies (0) or
-        equals the input's, but for at most one -1."""
-        shape, target = self.shapes.get(reshape.input[0]), self._constant(reshape.input[1])
-        if shape is None or target is None or len(shape) != target.size:
-            return False
-        unmatched = [i for i, (size, new) in enumerate(zip(shape, target.tolist()))
-                     if not (new == 0 or (size is not None and new == size))]
-        return unmatched == [] or (len(unmatched) == 1 and target.tolist()[unmatched[0]] == -1)
+    def _reshaped_back(self, name):
+        """The chain of single-use Reshape/Unsqueeze/Squeeze nodes that makes `name` from
+        a tensor of the same shape, and that tensor: (nodes, source), else (None, None).
+
+        tf2onnx's stand-ins for transposes of a singleton axis (a norm's mean, moved
+        and moved back). Reshapes keep the elements' order, so when the shape comes back
+        the tensor is the same; shapes are followed symbolically, unknown sizes as symbols.
+        """
+        chain, node = [], self.producer.get(name)
+        while node is not None and node.op_type in ("Reshape", "Unsqueeze", "Squeeze"):
+            chain.append(node)
+            node = self.producer.get(node.input[0])
+        if not chain:
+            return [], name
+        source = chain[-1].input[0]
+        shape = self.shapes.get(source)
+        if shape is None:
+            return None, None
+        # A size is (factor, symbols): the product of an integer and unknown sizes.
+        start = [(size, ()) if size is not None else (1, (f"d{i}",)) for i, size in enumerate(shape)]
+        dims = list(start)
+        for node in reversed(chain):
+            dims = self._reshaped_dims(node, dims)
+            if dims is None:
+                return None, None
+        return (chain, source) if dims == start else (None, None)
+
+    def _reshaped_dims(self, node, dims):
+        import collections
+
+        if node.op_type == "Reshape":
+            target = self._constant(node.input[1])
+            if target is None or any(a.name == "allowzero" and a.i for a in node.attribute):
+                return None
+            target = [int(t) for t in target.reshape(-1)]
+            out = [dims[i] if t == 0 and i < len(dims) else (t, ()) for i, t in enumerate(target)]
+            if target.count(-1) > 1 or any(t < -1 for t in target):
+                return None
+            if -1 in target:  # what the other sizes leave of the input's
+                known = [d for t, d in zip(target, out) if t != -1]
+                total, given = int(np.prod([d[0] for d in dims])), int(np.prod([d[0] for d in known]))
+                symbols = collections.Counter(s for d in dims for s in d[1])
+                symbols.subtract(s for d in known for s in d[1])
+                if given == 0 or total % given or any(count < 0 for count in symbols.values()):
+                    return None
+                out[target.index(-1)] = (total // given, tuple(sorted(symbols.elements())))
+            return out
+        axes = self._axes(node)
+        if node.op_type == "Unsqueeze":
+            if axes is None:
+                return None
+            out = list(dims)
+            for axis in sorted(a % (len(dims) + len(axes)) for a in axes):
+                out.insert(axis, (1, ()))
+            return out
+        # Squeeze: only sizes known to be 1.
+        axes = [a % len(dims) for a in axes] if axes is not None else [i for i, d in enumerate(dims) if d == (1, ())]
+        if any(dims[a] != (1, ()) for a in axes):
+            return None
+        return [d for i, d in enumerate(dims) if i not in axes]
 
     def _match(self, sqrt):
-        # Statistics: x -> ReduceMean (-> Reshape) -> Sub = d; d * d -> ReduceMean -> Add(eps) -> Sqrt.
+        # Statistics: x -> ReduceMean (-> reshaped back) -> Sub = d; d * d -> ReduceMean -> Add(eps) -> Sqrt.
         add_eps = self._made_by(sqrt.input[0], "Add")
         if add_eps is None:
             return None
@@ -381,14 +433,14 @@ class _Rewrite:
         centre = self._made_by(square.input[0], "Sub")
         if centre is None:
             return None
-        x, mean = centre.input[0], self.producer.get(centre.input[1])
+        x = centre.input[0]
         single_use = [square, variance, add_eps, sqrt]
-        if mean is not None and mean.op_type == "Reshape":
-            # tf2onnx's stand-in for a transpose of the mean (a singleton axis moved).
-            if not self._keeps_shape(mean):
-                return None
-            single_use.append(mean)
-            mean = self.producer.get(mean.input[0])
+        # The mean, possibly reshaped away and back (tf2onnx moves its singleton axis).
+        chain, mean = self._reshaped_back(centre.input[1])
+        if chain is None:
+            return None
+        single_use.extend(chain)
+        mean = self.producer.get(mean)
         if mean is None or mean.op_type != "ReduceMean" or mean.input[0] != x:
             return None
         single_use.append(mean)
