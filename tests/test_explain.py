@@ -199,7 +199,7 @@ def test_turbo_colour_map_matches_matplotlib(monkeypatch, fixture_model):
     np.testing.assert_array_equal(turbo([-1.0, 2.0]), turbo([0.0, 1.0]))  # clipped
     assert turbo(np.zeros((4, 5))).shape == (4, 5, 3)
 
-    # Rendering needs no matplotlib (Keras imports it, at 40-60 MiB, whenever installed).
+    # Rendering needs no matplotlib (Keras imports it, at 25-60 MiB, whenever installed).
     image = photo()
     result = explain_image(fixture_model, image)
     monkeypatch.setitem(sys.modules, "matplotlib", None)

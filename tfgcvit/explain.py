@@ -56,7 +56,7 @@ TOP = 5
 # The "turbo" colour map (Mikhailov, Google, 2019; Apache 2.0) at 33 evenly spaced
 # points, read from matplotlib's table, between which `turbo` interpolates linearly
 # (within 6/255 of matplotlib's map). Written out rather than imported: Keras
-# imports matplotlib.pyplot whenever matplotlib is installed, which added 40-60 MiB
+# imports matplotlib.pyplot whenever matplotlib is installed, which added 25-60 MiB
 # to the peak memory of every process (BENCHMARKS.md, issue 12 round 6).
 TURBO = np.array([
     (0.1900, 0.0718, 0.2322), (0.2250, 0.1635, 0.4510), (0.2511, 0.2524, 0.6337),
