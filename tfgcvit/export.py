@@ -222,7 +222,7 @@ def optimize_onnx(path, output_path=None):
     and ONNX Runtime's GELU fusion only takes erf(x / sqrt(2)); each
     multiplication by 1/sqrt(2) that feeds an Erf becomes a division by
     sqrt(2), which ONNX Runtime then runs as one `Gelu` kernel (42 of
-    GCViT-Tiny's 53; the 11 after depthwise convolutions stay unfused).
+    GCViT-Tiny's 53; it leaves the 11 fed directly by a depthwise convolution).
 
     Outputs agree with the file as written to float rounding.
 
