@@ -190,7 +190,7 @@ def test_turbo_colour_map_matches_matplotlib(monkeypatch, fixture_model):
     from tfgcvit.explain import explain_image, render, turbo
 
     # matplotlib's colormaps["turbo"] at points between turbo's own 33 (read once
-    # from matplotlib 3.10; matplotlib is not a dependency, see `TURBO`).
+    # from matplotlib; it is not a dependency, see `TURBO`).
     points = [0.0, 0.1, 0.3, 0.55, 0.7, 0.9, 1.0]
     expected = [(0.1900, 0.0718, 0.2322), (0.2697, 0.3488, 0.7963), (0.0975, 0.8371, 0.8034),
                 (0.7661, 0.9463, 0.2031), (0.9961, 0.6428, 0.1916), (0.7648, 0.1437, 0.0104),

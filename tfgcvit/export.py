@@ -289,8 +289,8 @@ class _Rewrite:
         for node in self.graph.node:
             if node.op_type != "Mul" or self._sole_consumer(node.output[0], "Erf") is None:
                 continue
-            factors = [i for i in node.input if self._scalar(i) is not None
-                       and abs(self._scalar(i) - SQRT_HALF) < 1e-6]
+            factors = [i for i in node.input
+                       if (value := self._scalar(i)) is not None and abs(value - SQRT_HALF) < 1e-6]
             if len(node.input) != 2 or len(factors) != 1:
                 continue
             x = self._other_input(node, factors[0])
@@ -392,9 +392,9 @@ class _Rewrite:
             if target is None or any(a.name == "allowzero" and a.i for a in node.attribute):
                 return None
             target = [int(t) for t in target.reshape(-1)]
-            out = [dims[i] if t == 0 and i < len(dims) else (t, ()) for i, t in enumerate(target)]
             if target.count(-1) > 1 or any(t < -1 for t in target):
                 return None
+            out = [dims[i] if t == 0 and i < len(dims) else (t, ()) for i, t in enumerate(target)]
             if -1 in target:  # what the other sizes leave of the input's
                 known = [d for t, d in zip(target, out) if t != -1]
                 total, given = int(np.prod([d[0] for d in dims])), int(np.prod([d[0] for d in known]))
@@ -501,7 +501,6 @@ class _Rewrite:
                 "output": output, "name": sqrt.name}
 
     def _layer_norm(self, match):
-        import numpy as np
         from onnx import helper, numpy_helper
 
         channels, name = match["channels"], match["name"] + "/LayerNormalization"
