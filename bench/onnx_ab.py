@@ -1,8 +1,9 @@
-"""ONNX files side by side in one ONNX Runtime process: interleaved runs, medians.
+"""ONNX files side by side in one ONNX Runtime or OpenVINO process: interleaved runs, medians.
 
 Usage (files from bench/onnx_export.py):
     .venv/bin/python bench/onnx_ab.py --batch 1 --rounds 40 bench/out/onnx/ours224-tiny.onnx \\
         bench/out/onnx/ours224fused-tiny.onnx bench/out/onnx/timm-tiny.onnx
+    .venv/bin/python bench/onnx_ab.py --runtime openvino ...   # OpenVINO's CPU device, float32
 Each file's input layout is read from its input shape (NHWC when the last axis is 3).
 """
 
@@ -13,33 +14,49 @@ import numpy as np
 import onnxruntime
 
 
+def load(path, runtime, threads, x):
+    """A function that runs the file at PATH on X (NHWC, transposed for NCHW files)."""
+    if runtime == "onnxruntime":
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options.log_severity_level = 3
+        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        feed = session.get_inputs()[0]
+        images = x if feed.shape[-1] == 3 else np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+        return lambda: session.run(None, {feed.name: images})[0]
+    import openvino
+
+    compiled = openvino.Core().compile_model(
+        path, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
+    shape = compiled.input(0).get_partial_shape()
+    last = shape[shape.rank.get_length() - 1]
+    nhwc = last.is_static and last.get_length() == 3
+    images = x if nhwc else np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    request = compiled.create_infer_request()
+    return lambda: np.array(request.infer({0: images})[compiled.output(0)])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="+")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runtime", choices=["onnxruntime", "openvino"], default="onnxruntime")
     args = parser.parse_args()
 
     x = np.random.default_rng(0).standard_normal((args.batch, 224, 224, 3), dtype=np.float32)
-    runs = {}
-    for path in args.files:
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
-        options.log_severity_level = 3
-        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        feed = session.get_inputs()[0]
-        images = x if feed.shape[-1] == 3 else np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-        runs[path] = (session, {feed.name: images})
-    outputs = {path: session.run(None, feed)[0] for path, (session, feed) in runs.items()}
+    runs = {path: load(path, args.runtime, args.threads, x) for path in args.files}
+    outputs = {path: run() for path, run in runs.items()}
     first = args.files[0]
     times = {path: [] for path in args.files}
     for _ in range(args.rounds):
-        for path, (session, feed) in runs.items():
+        for path, run in runs.items():
             start = time.perf_counter()
-            session.run(None, feed)
+            run()
             times[path].append(time.perf_counter() - start)
-    print(f"onnxruntime {onnxruntime.__version__}, batch {args.batch}, {args.threads} threads, "
+    version = onnxruntime.__version__ if args.runtime == "onnxruntime" else __import__("openvino").__version__
+    print(f"{args.runtime} {version}, batch {args.batch}, {args.threads} threads, "
           f"{args.rounds} interleaved rounds")
     for path in args.files:
         difference = float(np.max(np.abs(outputs[path] - outputs[first])))

@@ -142,6 +142,7 @@ def test_onnx_runs_in_onnxruntime_with_dynamic_batch_and_size(fixture_state_dict
     # The layer norms are LayerNormalization nodes, the GELUs in ONNX Runtime's form (optimize_onnx).
     _assert_norms_fused(_op_counts(path), _layer_norm_count(model))
     _assert_gelus_divide(path)
+    _assert_blocks_channels_last(path)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (feed,) = session.get_inputs()
     assert feed.shape[0] != 1 and not isinstance(feed.shape[1], int)  # symbolic dimensions
@@ -193,9 +194,13 @@ def test_keras_own_onnx_export_runs_in_onnxruntime(dynamic_model, cases, tmp_pat
     fused = tmp_path / "fused.onnx"
     rewritten = optimize_onnx(path, fused)
     counts = _op_counts(fused)
-    assert rewritten == {"layer_norms": counts["LayerNormalization"], "gelus": counts["Erf"]}
+    transposes_removed = _op_counts(path)["Transpose"] - counts["Transpose"]
+    assert rewritten == {"layer_norms": counts["LayerNormalization"], "gelus": counts["Erf"],
+                         "transposes": transposes_removed}
+    assert transposes_removed > 0  # and none is left around a block norm (below)
     _assert_norms_fused(counts, norms)
     _assert_gelus_divide(fused)
+    _assert_blocks_channels_last(fused)
     assert _ort_fused_gelus(fused) > 0
     assert max(o.version for o in onnx.load(str(fused)).opset_import if o.domain in ("", "ai.onnx")) == 17
     session = onnxruntime.InferenceSession(str(fused), providers=["CPUExecutionProvider"])
@@ -225,6 +230,26 @@ def _assert_gelus_divide(path):
     producer = {out: node for node in graph.node for out in node.output}
     erfs = [node for node in graph.node if node.op_type == "Erf"]
     assert erfs and all(producer[node.input[0]].op_type == "Div" for node in erfs)
+
+
+def _assert_blocks_channels_last(path):
+    """No block norm reads or feeds a transpose, and no transpose reads another."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    readers = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    norms = [node for node in graph.node if node.op_type == "LayerNormalization" and "/blocks_" in node.name]
+    assert norms
+    for norm in norms:
+        assert producer[norm.input[0]].op_type != "Transpose", norm.name
+        assert all(reader.op_type != "Transpose" for reader in readers[norm.output[0]]), norm.name
+    transposes = [node for node in graph.node if node.op_type == "Transpose"]
+    assert not [node.name for node in transposes
+                if node.input[0] in producer and producer[node.input[0]].op_type == "Transpose"]
 
 
 def _ort_fused_gelus(path):
@@ -413,3 +438,60 @@ def test_optimize_onnx_follows_a_mean_reshaped_away_and_back(tmp_path, back_to_i
         mean, std = x.mean(1, keepdims=True), x.std(1, keepdims=True)
         expected = (x - mean) / np.sqrt(std**2 + 1e-5) * constants["gamma"] + constants["beta"]
         np.testing.assert_allclose(outputs[1], expected, rtol=0, atol=1e-5)
+
+
+def test_optimize_onnx_moves_transposes_until_they_cancel(tmp_path):
+    """The moves of `_Rewrite.cancel_transposes` on a hand-built graph in tf2onnx's layout:
+    a channels-first residual add and gate read back channels last, a padding run
+    channels first and read back channels last and by Shape."""
+    onnx = pytest.importorskip("onnx")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tfgcvit.export import optimize_onnx
+
+    to_nchw, to_nhwc = [0, 3, 1, 2], [0, 2, 3, 1]
+    nodes = [
+        helper.make_node("Transpose", ["a"], ["a_nchw"], perm=to_nchw),
+        helper.make_node("Transpose", ["b"], ["b_nchw"], perm=to_nchw),
+        helper.make_node("Add", ["a_nchw", "b_nchw"], ["sum"]),  # both inputs transposed
+        helper.make_node("Mul", ["sum", "gate"], ["gated"]),  # one: the gate is (N, C, 1, 1)
+        helper.make_node("Transpose", ["gated"], ["y"], perm=to_nhwc),  # a graph output
+        helper.make_node("Pad", ["a_nchw", "pads"], ["padded"]),
+        helper.make_node("Transpose", ["padded"], ["padded_nhwc"], perm=to_nhwc),
+        helper.make_node("Shape", ["padded"], ["padded_shape"]),
+        helper.make_node("Relu", ["padded_nhwc"], ["z"]),
+        helper.make_node("Transpose", ["a_nchw"], ["a_nhcw"], perm=[0, 2, 1, 3]),  # does not undo it
+    ]
+    inputs = [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["n", 3, 5, 4]),
+              helper.make_tensor_value_info("b", TensorProto.FLOAT, ["n", 3, 5, 4]),
+              helper.make_tensor_value_info("gate", TensorProto.FLOAT, ["n", 4, 1, 1])]
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("y", "z", "a_nhcw")]
+    outputs.append(helper.make_tensor_value_info("padded_shape", TensorProto.INT64, None))
+    pads = numpy_helper.from_array(np.array([0, 0, 1, 2, 0, 0, 3, 0], np.int64), "pads")  # NCHW order
+    graph = helper.make_graph(nodes, "stream", inputs, outputs, [pads])
+    path, rewritten = tmp_path / "stream.onnx", tmp_path / "moved.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+    # 5 transposes -> 2: the gate's (small) and the one that does not cancel, now read from a.
+    assert optimize_onnx(path, rewritten)["transposes"] == 3
+    graph = onnx.load(str(rewritten)).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    transposes = [node for node in graph.node if node.op_type == "Transpose"]
+    assert sorted((node.input[0], list(node.attribute[0].ints)) for node in transposes) == [
+        ("a", [0, 1, 3, 2]), ("gate", to_nhwc)]
+    assert producer["y"].op_type == "Identity"  # kept, as the graph output's name
+    assert producer["z"].op_type == "Relu" and producer[producer["z"].input[0]].op_type == "Pad"
+    assert producer[producer["padded_shape"].input[0]].op_type == "Shape"  # Gather(Shape(pad))
+    rng = np.random.default_rng(0)
+    feed = {"a": rng.standard_normal((2, 3, 5, 4)).astype(np.float32),
+            "b": rng.standard_normal((2, 3, 5, 4)).astype(np.float32),
+            "gate": rng.standard_normal((2, 4, 1, 1)).astype(np.float32)}
+    before, after = (onnxruntime.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feed)
+                     for p in (path, rewritten))
+    np.testing.assert_allclose(
+        before[0], ((feed["a"] + feed["b"]).transpose(0, 3, 1, 2) * feed["gate"]).transpose(0, 2, 3, 1),
+        rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(before[3], [2, 4, 3 + 4, 5 + 2])
+    for old, new in zip(before, after):
+        np.testing.assert_array_equal(new, old)
