@@ -196,7 +196,7 @@ def test_keras_own_onnx_export_runs_in_onnxruntime(dynamic_model, cases, tmp_pat
     counts = _op_counts(fused)
     transposes_removed = _op_counts(path)["Transpose"] - counts["Transpose"]
     assert rewritten == {"layer_norms": counts["LayerNormalization"], "gelus": counts["Erf"],
-                         "transposes": transposes_removed}
+                         "attention": _multi_head_attentions(), "transposes": transposes_removed}
     assert transposes_removed > 0  # and none is left around a block norm (below)
     _assert_norms_fused(counts, norms)
     _assert_gelus_divide(fused)
@@ -232,8 +232,20 @@ def _assert_gelus_divide(path):
     assert erfs and all(producer[node.input[0]].op_type == "Div" for node in erfs)
 
 
+def _multi_head_attentions():
+    return sum(depth for depth, heads in zip(FIXTURE_CONFIG["depths"], FIXTURE_CONFIG["num_heads"]) if heads > 1)
+
+
+def _moves_one_axis(perm):
+    """Whether a transpose moves a single axis (the moves runtimes have fast kernels for)."""
+    return any(list(perm) == sorted(set(range(len(perm))) - {axis})[:at] + [axis] +
+               sorted(set(range(len(perm))) - {axis})[at:]
+               for axis in range(len(perm)) for at in range(len(perm)))
+
+
 def _assert_blocks_channels_last(path):
-    """No block norm reads or feeds a transpose, and no transpose reads another."""
+    """No block norm reads or feeds a transpose, no transpose reads another, and every
+    transpose moves a single axis (the attention runs batch first)."""
     import onnx
 
     graph = onnx.load(str(path)).graph
@@ -250,6 +262,12 @@ def _assert_blocks_channels_last(path):
     transposes = [node for node in graph.node if node.op_type == "Transpose"]
     assert not [node.name for node in transposes
                 if node.input[0] in producer and producer[node.input[0]].op_type == "Transpose"]
+    # The fixture's first level has one head: tf2onnx writes its head merge as a Reshape,
+    # so it is not matched (every official variant has 2 or more).
+    single_head = tuple(f"levels_{i}_" for i, heads in enumerate(FIXTURE_CONFIG["num_heads"]) if heads == 1)
+    perms = [list(a.ints) for node in transposes for a in node.attribute
+             if a.name == "perm" and not ("/attn_" in node.name and any(s in node.name for s in single_head))]
+    assert perms and [perm for perm in perms if not _moves_one_axis(perm)] == []
 
 
 def _ort_fused_gelus(path):
@@ -495,3 +513,58 @@ def test_optimize_onnx_moves_transposes_until_they_cancel(tmp_path):
     np.testing.assert_array_equal(before[3], [2, 4, 3 + 4, 5 + 2])
     for old, new in zip(before, after):
         np.testing.assert_array_equal(new, old)
+
+
+@pytest.mark.parametrize("read_outside", [False, True])
+def test_optimize_onnx_runs_attention_batch_first(tmp_path, read_outside):
+    """Heads-first attention as tf2onnx writes it becomes batch first, every transpose a
+    one-axis move; left alone when a tensor inside is also read outside."""
+    onnx = pytest.importorskip("onnx")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tfgcvit.export import optimize_onnx
+
+    windows, tokens, heads, dim, rng = 6, 4, 2, 3, np.random.default_rng(0)
+    constants = {
+        "scale": np.array(dim**-0.5, np.float32),
+        "bias": rng.standard_normal((heads, 1, tokens, tokens)).astype(np.float32),
+        "zero": np.array([0], np.int64), "one": np.array([1], np.int64),
+        "two": np.array([2], np.int64), "three": np.array([3], np.int64),
+    }
+    nodes = [helper.make_node("Transpose", ["qkv"], ["heads_first"], perm=[2, 3, 0, 1, 4])]
+    for part, (start, end) in zip("qkv", [("zero", "one"), ("one", "two"), ("two", "three")]):
+        nodes += [helper.make_node("Slice", ["heads_first", start, end], [f"{part}5"]),
+                  helper.make_node("Squeeze", [f"{part}5", "zero"], [part])]
+    nodes += [
+        helper.make_node("Transpose", ["k"], ["k_t"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["q", "k_t"], ["logits"]),
+        helper.make_node("Mul", ["logits", "scale"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "bias"], ["biased"]),
+        helper.make_node("Softmax", ["biased"], ["attention"], axis=-1),
+        helper.make_node("MatMul", ["attention", "v"], ["mixed"]),
+        helper.make_node("Transpose", ["mixed"], ["y"], perm=[1, 2, 0, 3]),
+    ]
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+               for name in (["y", "attention"] if read_outside else ["y"])]
+    graph = helper.make_graph(
+        nodes, "attention",
+        [helper.make_tensor_value_info("qkv", TensorProto.FLOAT, ["bw", tokens, 3, heads, dim])],
+        outputs, [numpy_helper.from_array(value, name) for name, value in constants.items()])
+    path, rewritten = tmp_path / "attention.onnx", tmp_path / "batch_first.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+    assert optimize_onnx(path, rewritten)["attention"] == int(not read_outside)
+    perms = [list(node.attribute[0].ints) for node in onnx.load(str(rewritten)).graph.node
+             if node.op_type == "Transpose"]
+    assert all(_moves_one_axis(perm) for perm in perms) != read_outside
+    qkv = rng.standard_normal((windows, tokens, 3, heads, dim)).astype(np.float32)
+    before, after = (onnxruntime.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"qkv": qkv})
+                     for p in (path, rewritten))
+    q, k, v = qkv.transpose(2, 3, 0, 1, 4)
+    logits = q @ k.swapaxes(-1, -2) * constants["scale"] + constants["bias"]
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    expected = (weights / weights.sum(-1, keepdims=True) @ v).transpose(1, 2, 0, 3)
+    np.testing.assert_allclose(before[0], expected, rtol=0, atol=1e-5)
+    for old, new in zip(before, after):
+        np.testing.assert_allclose(new, old, rtol=0, atol=1e-6)
