@@ -6,7 +6,8 @@
   `ours224-*.onnx`, the same at `input_shape=(224, 224, 3)` (dynamic batch only,
   what timm's file allows);
 - `oursfused-*.onnx` / `ours224fused-*.onnx`: the same files rewritten by
-  `tfgcvit.export.optimize_onnx` (layer norms fused, GELUs in ONNX Runtime's form), which is what
+  `tfgcvit.export.optimize_onnx` (layer norms fused, GELUs in ONNX Runtime's form, attention
+  batch first, transposes cancelled), which is what
   `tfgcvit.export.export_model` (and `tfgcvit export`) writes;
 - timm: `timm.create_model(...)` in eval mode through `torch.onnx.export` (the
   TorchScript exporter, opset 17), NCHW input, dynamic batch.
