@@ -223,8 +223,9 @@ def optimize_onnx(path, output_path=None):
     GELUs: `tfgcvit.model.layers._gelu` is 0.5 * x * (1 + erf(x * (1 / sqrt(2)))),
     and ONNX Runtime's GELU fusion only takes erf(x / sqrt(2)); each
     multiplication by 1/sqrt(2) that feeds an Erf becomes a division by
-    sqrt(2), which ONNX Runtime then runs as one `Gelu` kernel (42 of
-    GCViT-Tiny's 53; it leaves the 11 fed directly by a depthwise convolution).
+    sqrt(2), which ONNX Runtime then runs as one `Gelu` kernel (all 53 of
+    GCViT-Tiny's; for the 11 that tf2onnx runs channels first, after depthwise
+    convolutions, the 1 added to the erf also becomes a scalar).
 
     Attention: the model runs it heads first, (heads, B x windows, N, d), for
     TensorFlow's fused batch matmul; in the file the matmuls and softmax run
@@ -304,13 +305,27 @@ class _Rewrite:
         }
 
     def divide_gelu_arguments(self):
-        """Mul(x, 1/sqrt(2)) -> Erf becomes Div(x, sqrt(2)) -> Erf; returns how many."""
+        """Mul(x, 1/sqrt(2)) -> Erf becomes Div(x, sqrt(2)) -> Erf; returns how many.
+
+        The 1 added to the Erf's output becomes a scalar where tf2onnx left it
+        shaped (1, 1, 1, 1) (channels-first GELUs): ONNX Runtime's fusion takes
+        scalars only.
+        """
         from onnx import numpy_helper
 
-        name, count = "tfgcvit/gelu/sqrt2", 0
+        name, one, count = "tfgcvit/gelu/sqrt2", "tfgcvit/gelu/one", 0
         for node in self.graph.node:
-            if node.op_type != "Mul" or self._sole_consumer(node.output[0], "Erf") is None:
+            if node.op_type != "Mul" or (erf := self._sole_consumer(node.output[0], "Erf")) is None:
                 continue
+            add = self._sole_consumer(erf.output[0], "Add")
+            constant = add and self._other_input(add, erf.output[0])
+            value = None if not constant else self._constant(constant)
+            rank = len(self.shapes.get(erf.output[0]) or [])
+            if value is not None and value.size == 1 and value.reshape(-1)[0] == 1 and 0 < value.ndim <= rank:
+                add.input[:] = [one if i == constant else i for i in add.input]
+                if one not in self.initializers:
+                    self.initializers[one] = numpy_helper.from_array(np.array(1.0, np.float32), one)
+                    self.graph.initializer.append(self.initializers[one])
             factors = [i for i in node.input
                        if (value := self._scalar(i)) is not None and abs(value - SQRT_HALF) < 1e-6]
             if len(node.input) != 2 or len(factors) != 1:
