@@ -271,6 +271,9 @@ def optimize_onnx(path, output_path=None):
               "attention": rewrite.batch_first_attention()}
     rewrite.cancel_transposes()  # last: it also cancels the transposes the others add
     counts["transposes"] = transposes - sum(node.op_type == "Transpose" for node in model.graph.node)
+    # The opset conversion records inferred shapes, some of which the rewrites changed
+    # (the attention's, now batch first); runtimes infer them again.
+    del model.graph.value_info[:]
     onnx.save(model, str(output_path or path))
     return counts
 
@@ -405,8 +408,8 @@ class _Rewrite:
                 continue
             ranks = {}
             for name in boundary:
-                value = self._constant(name)
-                ranks[name] = value.ndim if value is not None else len(self.shapes.get(name) or [None] * 3)
+                value, shape = self._constant(name), self.shapes.get(name)
+                ranks[name] = value.ndim if value is not None else None if shape is None else len(shape)
             if any(rank not in (0, 1, 2, 4) for rank in ranks.values()):
                 continue  # unknown, or a rank-3 operand that would broadcast over the swapped axis
             for name in [name for name in dict.fromkeys(boundary) if ranks[name] == 4]:
@@ -518,7 +521,7 @@ class _Rewrite:
                     add(node.op_type, inputs, moved)
                     node = helper.make_node("Transpose", [moved], [out], perm=perm, name=node.name)
             elif (perm is not None and node.op_type in ("Slice", "Squeeze")
-                  and all(user.op_type in ("Slice", "Squeeze", "Shape") for user in readers[node.input[0]])
+                  and all(user.op_type in ("Slice", "Squeeze", "Shape") for user in readers.get(node.input[0], []))
                   and (axes := self._moved_axes(node, perm)) is not None):
                 # Slicing or squeezing axis p[a] of x is slicing or squeezing axis a of T(x, p).
                 moved_axes = numpy_helper.from_array(np.array([perm[a] for a in axes], np.int64), f"{out}/axes")
@@ -531,8 +534,8 @@ class _Rewrite:
                     kept = [perm[i] for i in range(len(perm)) if i not in axes]
                     perm = [sorted(kept).index(axis) for axis in kept]
                 node = helper.make_node("Transpose", [moved], [out], perm=perm, name=node.name)
-            elif (node.op_type == "Transpose" and node.input[0] in self.initializers
-                  and len(readers[node.input[0]]) == 1 and perm_of(node) is not None):
+            elif (node.op_type == "Transpose" and node.input[0] in self.initializers and out not in graph_outputs
+                  and len(readers.get(node.input[0], [])) == 1 and perm_of(node) is not None):
                 value = numpy_helper.to_array(self.initializers[node.input[0]])
                 self.graph.initializer.append(numpy_helper.from_array(value.transpose(perm_of(node)), out))
                 continue
