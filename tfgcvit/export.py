@@ -278,6 +278,13 @@ def optimize_onnx(path, output_path=None):
     return counts
 
 
+def _perm(node):
+    """A Transpose node's perm (None for one without: it reverses the axes), else None."""
+    if node is None or node.op_type != "Transpose":
+        return None
+    return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+
+
 class _Rewrite:
     """The rewrites of `optimize_onnx`, on one graph.
 
@@ -293,11 +300,8 @@ class _Rewrite:
         import onnx
 
         self.graph = model.graph
-        self.producer = {out: node for node in self.graph.node for out in node.output}
-        self.consumers = {}
-        for node in self.graph.node:
-            for name in dict.fromkeys(node.input):
-                self.consumers.setdefault(name, []).append(node)
+        # Of the graph as loaded; the passes that rebuild the node list index it again.
+        self.producer, self.consumers = self._index()
         self.initializers = {init.name: init for init in self.graph.initializer}
         self.position = {id(node): i for i, node in enumerate(self.graph.node)}
         inferred = onnx.shape_inference.infer_shapes(model).graph
@@ -306,6 +310,15 @@ class _Rewrite:
                          for dim in value.type.tensor_type.shape.dim]
             for value in list(inferred.value_info) + list(inferred.input) + list(inferred.output)
         }
+
+    def _index(self):
+        """{tensor: the node that makes it}, {tensor: the nodes that read it} of the graph now."""
+        producer = {out: node for node in self.graph.node for out in node.output}
+        readers = {}
+        for node in self.graph.node:
+            for name in dict.fromkeys(node.input):
+                readers.setdefault(name, []).append(node)
+        return producer, readers
 
     def divide_gelu_arguments(self):
         """Mul(x, 1/sqrt(2)) -> Erf becomes Div(x, sqrt(2)) -> Erf; returns how many.
@@ -320,19 +333,19 @@ class _Rewrite:
         for node in self.graph.node:
             if node.op_type != "Mul" or (erf := self._sole_consumer(node.output[0], "Erf")) is None:
                 continue
-            add = self._sole_consumer(erf.output[0], "Add")
-            constant = add and self._other_input(add, erf.output[0])
-            value = None if not constant else self._constant(constant)
-            rank = len(self.shapes.get(erf.output[0]) or [])
-            if value is not None and value.size == 1 and value.reshape(-1)[0] == 1 and 0 < value.ndim <= rank:
-                add.input[:] = [one if i == constant else i for i in add.input]
-                if one not in self.initializers:
-                    self.initializers[one] = numpy_helper.from_array(np.array(1.0, np.float32), one)
-                    self.graph.initializer.append(self.initializers[one])
             factors = [i for i in node.input
                        if (value := self._scalar(i)) is not None and abs(value - SQRT_HALF) < 1e-6]
             if len(node.input) != 2 or len(factors) != 1:
                 continue
+            add = self._sole_consumer(erf.output[0], "Add")
+            constant = add and self._other_input(add, erf.output[0])
+            ones = None if not constant else self._constant(constant)
+            rank = len(self.shapes.get(erf.output[0]) or [])
+            if ones is not None and ones.size == 1 and ones.reshape(-1)[0] == 1 and 0 < ones.ndim <= rank:
+                add.input[:] = [one if i == constant else i for i in add.input]
+                if one not in self.initializers:
+                    self.initializers[one] = numpy_helper.from_array(np.array(1.0, np.float32), one)
+                    self.graph.initializer.append(self.initializers[one])
             x = self._other_input(node, factors[0])
             node.op_type = "Div"
             del node.input[:]
@@ -381,15 +394,11 @@ class _Rewrite:
         from onnx import helper
 
         swap, graph_outputs = [1, 0, 2, 3], {output.name for output in self.graph.output}
-        producer = {out: node for node in self.graph.node for out in node.output}
-        readers = {}
-        for node in self.graph.node:
-            for name in dict.fromkeys(node.input):
-                readers.setdefault(name, []).append(node)
+        producer, readers = self._index()
         position = {id(node): i for i, node in enumerate(self.graph.node)}
         before, count = {}, 0  # id(region node) -> transposes to insert before it
-        for merge in [node for node in self.graph.node if node.op_type == "Transpose"]:
-            if [list(a.ints) for a in merge.attribute if a.name == "perm"] != [[1, 2, 0, 3]]:
+        for merge in list(self.graph.node):
+            if _perm(merge) != [1, 2, 0, 3]:
                 continue
             region, boundary, pending = [], [], [merge.input[0]]
             while pending:
@@ -458,16 +467,8 @@ class _Rewrite:
         if any(a.type in (a.GRAPH, a.GRAPHS) for node in self.graph.node for a in node.attribute):
             return  # renaming inputs would have to reach into subgraphs
         graph_outputs = {output.name for output in self.graph.output}
-        readers = {}
-        for node in self.graph.node:
-            for name in dict.fromkeys(node.input):
-                readers.setdefault(name, []).append(node)
+        readers = self._index()[1]  # of the graph before the pass; `producer` follows the new one
         producer, renamed, nodes = {}, {}, []
-
-        def perm_of(node):
-            if node is None or node.op_type != "Transpose":
-                return None
-            return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
 
         def inverse(perm):
             return [perm.index(axis) for axis in range(len(perm))]
@@ -475,7 +476,7 @@ class _Rewrite:
         def undone(name, perm):
             """Whether transposes that undo `perm` read `name`, and only they (and Shape)."""
             users = readers.get(name, [])
-            undoing = [user for user in users if perm_of(user) == inverse(perm)]
+            undoing = [user for user in users if _perm(user) == inverse(perm)]
             shapes = [user for user in users if user.op_type == "Shape" and not user.attribute]
             return name not in graph_outputs and undoing and len(undoing) + len(shapes) == len(users)
 
@@ -489,16 +490,17 @@ class _Rewrite:
             for i, name in enumerate(node.input):
                 node.input[i] = renamed.get(name, name)
             first = producer.get(node.input[0]) if node.input else None
-            perm, out = perm_of(first), node.output[0] if node.output else None
+            perm, out = _perm(first), node.output[0] if node.output else None
             moved = f"{out}/channels_last"
-            if perm is not None and perm_of(node) is not None:
-                composed = [perm[axis] for axis in perm_of(node)]
+            if perm is not None and _perm(node) is not None:
+                composed = [perm[axis] for axis in _perm(node)]
+                identity = composed == list(range(len(composed)))
                 node.input[0] = first.input[0]
-                if composed == sorted(composed) and out not in graph_outputs:
+                if identity and out not in graph_outputs:
                     renamed[out] = node.input[0]
                     continue
                 del node.attribute[:]
-                if composed == sorted(composed):
+                if identity:
                     node.op_type = "Identity"
                 else:
                     node.attribute.append(helper.make_attribute("perm", composed))
@@ -509,7 +511,7 @@ class _Rewrite:
                 node = helper.make_node("Gather", [shape, indices.name], [out], axis=0, name=node.name)
             elif perm is not None and node.op_type in ("Add", "Sub", "Mul", "Div") and len(node.input) == 2:
                 other = producer.get(node.input[1])
-                if perm_of(other) == perm:
+                if _perm(other) == perm:
                     inputs = [first.input[0], other.input[0]]
                 elif (len(self.shapes.get(node.input[1]) or []) == len(perm) and undone(out, perm)
                       and len(readers.get(node.input[0], [])) == 1):
@@ -535,9 +537,9 @@ class _Rewrite:
                     perm = [sorted(kept).index(axis) for axis in kept]
                 node = helper.make_node("Transpose", [moved], [out], perm=perm, name=node.name)
             elif (node.op_type == "Transpose" and node.input[0] in self.initializers and out not in graph_outputs
-                  and len(readers.get(node.input[0], [])) == 1 and perm_of(node) is not None):
+                  and len(readers.get(node.input[0], [])) == 1 and _perm(node) is not None):
                 value = numpy_helper.to_array(self.initializers[node.input[0]])
-                self.graph.initializer.append(numpy_helper.from_array(value.transpose(perm_of(node)), out))
+                self.graph.initializer.append(numpy_helper.from_array(value.transpose(_perm(node)), out))
                 continue
             elif (perm is not None and node.op_type == "Pad" and len(node.input) in (2, 3)
                   and undone(out, perm)):
