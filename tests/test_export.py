@@ -143,6 +143,7 @@ def test_onnx_runs_in_onnxruntime_with_dynamic_batch_and_size(fixture_state_dict
     _assert_norms_fused(_op_counts(path), _layer_norm_count(model))
     _assert_gelus_divide(path)
     _assert_blocks_channels_last(path)
+    _assert_projections_split(path)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (feed,) = session.get_inputs()
     assert feed.shape[0] != 1 and not isinstance(feed.shape[1], int)  # symbolic dimensions
@@ -195,9 +196,14 @@ def test_keras_own_onnx_export_runs_in_onnxruntime(dynamic_model, cases, tmp_pat
     rewritten = optimize_onnx(path, fused)
     counts = _op_counts(fused)
     transposes_removed = _op_counts(path)["Transpose"] - counts["Transpose"]
+    shared = rewritten.pop("shared")
     assert rewritten == {"layer_norms": counts["LayerNormalization"], "gelus": counts["Erf"],
-                         "attention": _multi_head_attentions(), "transposes": transposes_removed}
+                         "attention": _multi_head_attentions(), "transposes": transposes_removed,
+                         "projections": sum(FIXTURE_CONFIG["depths"])}
     assert transposes_removed > 0  # and none is left around a block norm (below)
+    # Every block's shapes read once per level, not once per block (outputs checked below).
+    assert shared > 0 and counts["Shape"] < _op_counts(path)["Shape"] - sum(FIXTURE_CONFIG["depths"])
+    _assert_projections_split(fused)
     _assert_norms_fused(counts, norms)
     _assert_gelus_divide(fused)
     _assert_blocks_channels_last(fused)
@@ -230,6 +236,24 @@ def _assert_gelus_divide(path):
     producer = {out: node for node in graph.node for out in node.output}
     erfs = [node for node in graph.node if node.op_type == "Erf"]
     assert erfs and all(producer[node.input[0]].op_type == "Div" for node in erfs)
+
+
+def _assert_projections_split(path):
+    """No attention slices its projection into queries, keys and values: each has its own product."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    producer = {out: node for node in graph.node for out in node.output}
+
+    def made_by(name, op_types):
+        node = producer.get(name)
+        return node if node is not None and node.op_type in op_types else None
+
+    sliced = [node.name for node in graph.node if node.op_type in ("Slice", "Split")
+              and (reshape := made_by(node.input[0], ("Reshape",)))
+              and (made_by(reshape.input[0], ("MatMul", "Gemm"))
+                   or ((add := made_by(reshape.input[0], ("Add",))) and any(made_by(i, ("MatMul",)) for i in add.input)))]
+    assert sliced == []
 
 
 def _multi_head_attentions():
@@ -566,3 +590,96 @@ def test_optimize_onnx_runs_attention_batch_first(tmp_path, read_outside):
     np.testing.assert_allclose(before[0], expected, rtol=0, atol=1e-5)
     for old, new in zip(before, after):
         np.testing.assert_allclose(new, old, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("read_outside", [False, True])
+def test_optimize_onnx_splits_projections_into_parts(tmp_path, read_outside):
+    """A projection sliced into queries, keys and values on a middle axis (tf2onnx's
+    form after the transposes move) becomes one product per part; left alone when
+    the sliced tensor is read elsewhere too."""
+    onnx = pytest.importorskip("onnx")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tfgcvit.export import optimize_onnx
+
+    tokens, heads, dim, rng = 4, 2, 3, np.random.default_rng(0)
+    channels = heads * dim
+    constants = {
+        "w": rng.standard_normal((channels, 3 * channels)).astype(np.float32),
+        "b": rng.standard_normal(3 * channels).astype(np.float32),
+        "target": np.array([-1, tokens, 3, heads, dim], np.int64),
+        "axis": np.array([2], np.int64),
+    }
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["projected"]),
+             helper.make_node("Add", ["b", "projected"], ["biased"]),  # the bias first, as written by some
+             helper.make_node("Reshape", ["biased", "target"], ["parts"])]
+    for index, part in enumerate("qkv"):
+        constants[f"start{index}"] = np.array([index], np.int64)
+        constants[f"end{index}"] = np.array([index + 1], np.int64)
+        nodes += [helper.make_node("Slice", ["parts", f"start{index}", f"end{index}", "axis"], [f"{part}5"]),
+                  helper.make_node("Squeeze", [f"{part}5", "axis"], [part])]
+    names = ["q", "k", "v"] + (["parts"] if read_outside else [])
+    graph = helper.make_graph(
+        nodes, "projection", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", channels])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in names],
+        [numpy_helper.from_array(value, name) for name, value in constants.items()])
+    path, rewritten = tmp_path / "projection.onnx", tmp_path / "split.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+    assert optimize_onnx(path, rewritten)["projections"] == int(not read_outside)
+    ops = _op_counts(rewritten)
+    assert (ops["MatMul"], ops["Slice"]) == ((1, 3) if read_outside else (3, 0))
+    x = rng.standard_normal((2 * tokens, channels)).astype(np.float32)
+    before, after = (onnxruntime.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+                     for p in (path, rewritten))
+    expected = (x @ constants["w"] + constants["b"]).reshape(-1, tokens, 3, heads, dim)
+    for index in range(3):
+        np.testing.assert_allclose(before[index], expected[:, :, index], rtol=0, atol=1e-5)
+    for old, new in zip(before, after):
+        np.testing.assert_allclose(new, old, rtol=0, atol=1e-6)
+
+
+def test_optimize_onnx_computes_each_shape_once(tmp_path):
+    """Shape nodes whose inputs have the same shape by symbolic inference, and nodes that
+    repeat another's computation, go; a shape that differs, and graph outputs, stay."""
+    onnx = pytest.importorskip("onnx")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tfgcvit.export import optimize_onnx
+
+    nodes = [
+        helper.make_node("Add", ["x", "one"], ["y"]),  # the shape of x, by inference only
+        helper.make_node("Concat", ["x", "x"], ["doubled"], axis=0),  # another shape
+        helper.make_node("Shape", ["x"], ["x_shape"]),
+        helper.make_node("Shape", ["y"], ["y_shape"]),
+        helper.make_node("Shape", ["doubled"], ["doubled_shape"]),
+        helper.make_node("Gather", ["x_shape", "zero"], ["x_rows"], axis=0),
+        helper.make_node("Gather", ["y_shape", "zero_again"], ["y_rows"], axis=0),  # the same, twice
+        helper.make_node("Gather", ["doubled_shape", "zero"], ["doubled_rows"], axis=0),
+        helper.make_node("Add", ["x_rows", "y_rows"], ["rows"]),
+        helper.make_node("Add", ["rows", "doubled_rows"], ["total"]),
+        helper.make_node("Neg", ["y"], ["z"]),
+        helper.make_node("Neg", ["y"], ["z_again"]),  # a graph output: kept
+    ]
+    constants = {"one": np.array(1.0, np.float32), "zero": np.array([0], np.int64),
+                 "zero_again": np.array([0], np.int64)}
+    graph = helper.make_graph(
+        nodes, "shapes", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])],
+        [helper.make_tensor_value_info(name, TensorProto.INT64, None) for name in ("total",)]
+        + [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("z", "z_again")],
+        [numpy_helper.from_array(value, name) for name, value in constants.items()])
+    path, rewritten = tmp_path / "shapes.onnx", tmp_path / "once.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+    assert optimize_onnx(path, rewritten)["shared"] == 2  # y's Shape and its Gather
+    ops = _op_counts(rewritten)
+    assert (ops["Shape"], ops["Gather"], ops["Neg"]) == (2, 2, 2)
+    assert len(onnx.load(str(rewritten)).graph.initializer) == 2  # one zero
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    before, after = (onnxruntime.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+                     for p in (path, rewritten))
+    np.testing.assert_array_equal(before[0], [4 + 4 + 8])
+    for old, new in zip(before, after):
+        np.testing.assert_array_equal(new, old)
