@@ -727,8 +727,17 @@ class _Rewrite:
         """{tensor: shape as a tuple of ints and symbols} where every dimension is known."""
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
+        # `SymbolicShapeInference.infer_shapes` runs this loop too, but raises (and saves the
+        # model in the working directory) where some shape stays unknown; what it did infer is
+        # still right, so use that.
         try:
-            inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+            inference = SymbolicShapeInference(int_max=2**31 - 1, auto_merge=True,
+                                               guess_output_rank=False, verbose=0)
+            inference._preprocess(model)
+            while inference.run_:
+                inference._infer_impl()
+            inference._update_output_from_vi()
+            inferred = inference.out_mp_
         except Exception:  # an operator it does not know: compare Shape nodes by input instead
             return {}
         shapes = {}

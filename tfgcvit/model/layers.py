@@ -674,14 +674,20 @@ class MLP(layers.Layer):
         return config
 
 
-def window_partition(x, window_size):
-    """(B, H, W, C) with H, W multiples of w -> (B, H/w * W/w, w*w, C), row-major windows."""
-    batch, height, width, channels = ops.shape(x)
-    x = ops.reshape(
-        x, (batch, height // window_size, window_size, width // window_size, window_size, channels)
-    )
+def window_partition(x, window_size, size=None):
+    """(B, H, W, C) with H, W multiples of w -> (B, H/w * W/w, w*w, C), row-major windows.
+
+    `size`: (B, H, W) when the caller knows them, else read from `x`. A block
+    passes its input's batch and its padded height and width, so that in an
+    exported graph every block of a stage computes the same window shapes from
+    the same values, which ONNX files then compute once (`tfgcvit.export`).
+    """
+    batch, height, width = size if size is not None else ops.shape(x)[:3]
+    channels = x.shape[-1] if x.shape[-1] is not None else ops.shape(x)[-1]
+    rows, columns = height // window_size, width // window_size
+    x = ops.reshape(x, (batch, rows, window_size, columns, window_size, channels))
     x = ops.transpose(x, (0, 1, 3, 2, 4, 5))
-    return ops.reshape(x, (batch, -1, window_size * window_size, channels))
+    return ops.reshape(x, (batch, rows * columns, window_size * window_size, channels))
 
 
 def window_reverse(windows, window_size, height, width):
@@ -771,13 +777,13 @@ class GCViTBlock(layers.Layer):
 
     def _attention(self, x, global_query, training):
         w = self.window_size
-        height, width = ops.shape(x)[1], ops.shape(x)[2]
+        batch, height, width = ops.shape(x)[:3]
         pad_h = (w - height % w) % w
         pad_w = (w - width % w) % w
         needs_pad = not (isinstance(pad_h, int) and isinstance(pad_w, int) and pad_h == pad_w == 0)
         if needs_pad:
             x = ops.pad(x, [[0, 0], [0, pad_h], [0, pad_w], [0, 0]])
-        windows = window_partition(x, w)
+        windows = window_partition(x, w, (batch, height + pad_h, width + pad_w))
         windows = _call(self.attn, windows, global_query=global_query, training=training)
         x = window_reverse(windows, w, height + pad_h, width + pad_w)
         if needs_pad:
