@@ -60,6 +60,8 @@ MIN_ONNX_OPSET = 13
 # ONNX's LayerNormalization node exists from this opset on.
 LAYER_NORM_OPSET = 17
 MIN_SIZE = 32
+# ONNX operators (besides Random*) whose outputs may differ between two nodes with the same inputs.
+RANDOM_OPS = ("Bernoulli", "Dropout", "Multinomial")
 
 
 def _check_float32(model, format):
@@ -252,9 +254,9 @@ def optimize_onnx(path, output_path=None):
     `Shape` node; shapes that symbolic shape inference (ONNX Runtime's
     `SymbolicShapeInference`) finds equal are read once, and then every node that
     repeats another's computation on the same inputs goes (GCViT-Tiny: 2,682 ->
-    about 1,700 nodes in a 224x224 file, 4,841 -> about 2,900 in one of any
-    size). Runtimes run each remaining node, and with dynamic shapes OpenVINO
-    infers each one's shape on every run.
+    1,760 nodes in a 224x224 file, 4,841 -> 2,103 in one of any size). Runtimes
+    run each remaining node, and with dynamic shapes OpenVINO infers each one's
+    shape on every run.
 
     Outputs agree with the file as written to float rounding.
 
@@ -591,8 +593,8 @@ class _Rewrite:
 
         The attention's `qkv` projection is split into queries, keys and values on
         axis 2 of a (B * windows, N, parts, heads, head_dim) view. Sliced there,
-        each part is a strided copy (OpenVINO's reference kernel: 1.5-1.8 ms of
-        GCViT-Tiny's 65-75 ms at batch 1); a product with the part's columns of W
+        each part is a strided copy (OpenVINO's reference kernel: 1.5-1.9 ms of
+        GCViT-Tiny's 65-80 ms at batch 1); a product with the part's columns of W
         writes it directly. Only where the Reshape's target is a constant.
         """
         from onnx import helper, numpy_helper
@@ -623,7 +625,8 @@ class _Rewrite:
             biases = None if bias is None else self._constant(bias)
             if bias is not None and (biases.ndim > 1 or biases.size != weights.shape[1]):
                 continue
-            kept_target = numpy_helper.from_array(np.delete(target, 2).astype(np.int64), f"{reshape.output[0]}/part_shape")
+            kept_target = numpy_helper.from_array(np.delete(target, 2).astype(np.int64),
+                                                  f"{reshape.output[0]}/part_shape")
             self.graph.initializer.append(kept_target)
             new = before.setdefault(id(matmul), [])
             for index, slice_node, squeeze in parts:
@@ -682,15 +685,17 @@ class _Rewrite:
         Two nodes repeat each other when they have the same operator, attributes
         and inputs (small constants compared by value), or, for `Shape`, when
         symbolic shape inference gives their inputs the same shape. Nodes with
-        subgraphs or random outputs, and those writing graph outputs, are kept.
+        subgraphs or random outputs, and those writing graph outputs, are kept;
+        so are initializers that are also graph inputs (a caller may feed them).
         """
         from onnx import numpy_helper
 
         shapes = self._symbolic_shapes(model)
         graph_outputs = {output.name for output in self.graph.output}
+        graph_inputs = {value.name for value in self.graph.input}
         renamed, seen = {}, {}
         for init in self.graph.initializer:
-            if int(np.prod(init.dims)) <= 16:
+            if int(np.prod(init.dims)) <= 16 and init.name not in graph_inputs:
                 value = numpy_helper.to_array(init)
                 renamed[init.name] = seen.setdefault(("constant", value.dtype.str, value.shape, value.tobytes()),
                                                      init.name)
@@ -698,7 +703,7 @@ class _Rewrite:
         nodes, before = [], len(self.graph.node)
         for node in self.graph.node:
             node.input[:] = [renamed.get(name, name) for name in node.input]
-            if (set(node.output) & graph_outputs or "Random" in node.op_type
+            if (set(node.output) & graph_outputs or node.op_type.startswith("Random") or node.op_type in RANDOM_OPS
                     or any(a.type in (a.GRAPH, a.GRAPHS) for a in node.attribute)):
                 nodes.append(node)
                 continue
