@@ -14,8 +14,11 @@ import numpy as np
 import onnxruntime
 
 
-def load(path, runtime, threads, x):
-    """A function that runs the file at PATH on X (NHWC, transposed for NCHW files)."""
+def load(path, runtime, threads, x, static=False):
+    """A function that runs the file at PATH on X (NHWC, transposed for NCHW files).
+
+    STATIC (OpenVINO only): fix the file's input to X's shape before compiling.
+    """
     if runtime == "onnxruntime":
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
@@ -26,12 +29,16 @@ def load(path, runtime, threads, x):
         return lambda: session.run(None, {feed.name: images})[0]
     import openvino
 
-    compiled = openvino.Core().compile_model(
-        path, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
-    shape = compiled.input(0).get_partial_shape()
+    core = openvino.Core()
+    model = core.read_model(path)
+    shape = model.input(0).get_partial_shape()
     last = shape[shape.rank.get_length() - 1]
     nhwc = last.is_static and last.get_length() == 3
     images = x if nhwc else np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    if static:
+        model.reshape({model.input(0): openvino.PartialShape(list(images.shape))})
+    compiled = core.compile_model(
+        model, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
     request = compiled.create_infer_request()
     return lambda: np.array(request.infer({0: images})[compiled.output(0)])
 

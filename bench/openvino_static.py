@@ -11,24 +11,16 @@ Each file's input layout is read from its input shape (NHWC when the last axis i
 """
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import numpy as np
 import openvino
 
-
-def compile_file(core, path, static, batch, threads):
-    """(infer request, input array) for the file at PATH, reshaped to a static shape if STATIC."""
-    model = core.read_model(path)
-    shape = model.input(0).get_partial_shape()
-    nhwc = shape[3].is_static and shape[3].get_length() == 3
-    static_shape = [batch, 224, 224, 3] if nhwc else [batch, 3, 224, 224]
-    if static:
-        model.reshape({model.input(0): openvino.PartialShape(static_shape)})
-    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
-    x = np.random.default_rng(0).standard_normal((batch, 224, 224, 3), dtype=np.float32)
-    return compiled.create_infer_request(), x if nhwc else np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from onnx_ab import load  # noqa: E402  (one way to run a file in OpenVINO, layouts included)
 
 
 def main():
@@ -39,14 +31,14 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
-    core = openvino.Core()
-    runs = {(path, static): compile_file(core, path, static, args.batch, args.threads)
+    x = np.random.default_rng(0).standard_normal((args.batch, 224, 224, 3), dtype=np.float32)
+    runs = {(path, static): load(path, "openvino", args.threads, x, static=static)
             for path in args.files for static in (False, True)}
     times = {key: [] for key in runs}
     for _ in range(args.rounds):
-        for key, (request, x) in runs.items():
+        for key, run in runs.items():
             start = time.perf_counter()
-            request.infer({0: x})
+            run()
             times[key].append(time.perf_counter() - start)
     print(f"openvino {openvino.__version__}, batch {args.batch}, {args.threads} threads, {args.rounds} rounds")
     for path in args.files:

@@ -386,14 +386,7 @@ class _Rewrite:
             # The new nodes go where the last matched node was, after everything they read.
             last = max(match["nodes"], key=lambda node: self.position[id(node)])
             replacements[id(last)] = self._layer_norm(match)
-        nodes = []
-        for node in self.graph.node:
-            if id(node) in replacements:
-                nodes.extend(replacements[id(node)])
-            elif id(node) not in removed:
-                nodes.append(node)
-        del self.graph.node[:]
-        self.graph.node.extend(nodes)
+        self._rebuild(replacements, removed)
         return len(replacements)
 
     def batch_first_attention(self):
@@ -452,12 +445,7 @@ class _Rewrite:
             del merge.attribute[:]
             merge.attribute.append(helper.make_attribute("perm", [0, 2, 1, 3]))
             count += 1
-        nodes = []
-        for node in self.graph.node:
-            nodes.extend(before.get(id(node), []))
-            nodes.append(node)
-        del self.graph.node[:]
-        self.graph.node.extend(nodes)
+        self._rebuild(before)
         return count
 
     def cancel_transposes(self):
@@ -599,7 +587,6 @@ class _Rewrite:
         """
         from onnx import helper, numpy_helper
 
-        self.initializers = {init.name: init for init in self.graph.initializer}
         producer, readers = self._index()
         graph_outputs = {output.name for output in self.graph.output}
         before, removed, count = {}, set(), 0
@@ -647,13 +634,7 @@ class _Rewrite:
                 removed |= {id(slice_node), id(squeeze)}
             removed |= {id(node) for node in (matmul, source, reshape) if node is not None}
             count += 1
-        nodes = []
-        for node in self.graph.node:
-            nodes.extend(before.get(id(node), []))
-            if id(node) not in removed:
-                nodes.append(node)
-        del self.graph.node[:]
-        self.graph.node.extend(nodes)
+        self._rebuild(before, removed)
         self._drop_unread_initializers()
         return count
 
@@ -752,6 +733,17 @@ class _Rewrite:
             if value.type.tensor_type.HasField("shape") and None not in dims:
                 shapes[value.name] = dims
         return shapes
+
+    def _rebuild(self, before, removed=()):
+        """The node list again, with `before[id(node)]` inserted ahead of each node and
+        the nodes whose id is in `removed` left out."""
+        nodes = []
+        for node in self.graph.node:
+            nodes.extend(before.get(id(node), []))
+            if id(node) not in removed:
+                nodes.append(node)
+        del self.graph.node[:]
+        self.graph.node.extend(nodes)
 
     def _drop_unread_initializers(self):
         read = {name for node in self.graph.node for name in node.input} | {o.name for o in self.graph.output}
