@@ -50,7 +50,8 @@ ENV_VALUES = {"": "auto", "1": "auto", "auto": "auto", "0": "off", "off": "off",
 # that the machine's drifts cancel). The whole model gains about a third of what
 # the probe shows (Intel Xeon: 1.33-1.44x per MLP, 1.12x at batch 1); where the
 # halves lose (an AMD EPYC Zen 4: 0.92-0.95x at batch 1) the probe's noise alone
-# reached 1.01x by this measure and 1.08x by the ratio of medians, hence a 10% margin.
+# reached 0.99x by this measure (1.01x with 15 rounds) and 1.07x by the ratio of
+# medians, hence a 10% margin.
 PROBE_SHAPES = ((784, 128), (196, 256))
 PROBE_BLOCKS = 4
 PROBE_ROUNDS = 7
