@@ -304,15 +304,75 @@ def test_unreachable_weights_are_one_line(runs):
         (lambda d: ["evaluate", str(d["named"]), *CUSTOM],
          r"\S+/named: class folders must be named by class index .*'cat', 'dog'"),
         (lambda d: ["evaluate", str(d["no_files"]), *CUSTOM], r"\S+/no_files: the class folders hold no files"),
+        (lambda d: ["export", str(d["root"] / "model.pb"), *CUSTOM],
+         r"\S+/model\.pb: name the file \*\.onnx \(ONNX\) or \*\.tflite \(TFLite\); .*"),
+        (lambda d: ["export", str(d["root"] / "model.tflite"), "--int8", *CUSTOM],
+         r"--int8 quantises ONNX files .*"),
+        (lambda d: ["export", str(d["root"] / "absent" / "model.onnx"), *CUSTOM], r"\S+/absent: no such folder"),
+        (lambda d: ["export", str(d["root"] / "model.onnx"), "--model", "gigantic"],
+         r"unknown model 'gigantic'; choose one of xxtiny, .*"),
     ],
     ids=["missing_image", "not_an_image", "unknown_model", "missing_weights", "bad_config",
-         "custom_without_config", "missing_folder", "file_as_folder", "empty_folder", "named_folders", "no_files"],
+         "custom_without_config", "missing_folder", "file_as_folder", "empty_folder", "named_folders", "no_files",
+         "export_unknown_suffix", "export_int8_tflite", "export_missing_folder", "export_unknown_model"],
 )
 def test_bad_input_is_one_line_and_exit_code_1(data, capsys, arguments, pattern):
     assert main(arguments(data)) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
     assert re.fullmatch(f"tfgcvit: error: {pattern}\n", captured.err), captured.err
+
+
+@pytest.mark.skipif(os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow",
+                    reason="ONNX export runs on the TensorFlow backend")
+def test_export_writes_onnx_and_tflite_files_that_classify_like_the_model(data, golden, capsys, tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("tf2onnx")
+    output = tmp_path / "gcvit.onnx"
+    output.write_text("an older export")
+    assert main(["export", str(output), "--int8", *CUSTOM]) == 1
+    assert capsys.readouterr().err == f"tfgcvit: error: {output} exists; pass --overwrite to replace it\n"
+    assert output.read_text() == "an older export"
+
+    assert main(["export", str(output), "--int8", "--overwrite", "--json", *CUSTOM]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["format"] == "onnx" and record["int8"] and record["input_shape"] == [None, None, None, 3]
+    assert record["bytes"] == output.stat().st_size and record["classes"] == 10
+    assert [path.name for path in tmp_path.iterdir()] == ["gcvit.onnx"]  # no temporary left behind
+    session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    probabilities = session.run(None, {session.get_inputs()[0].name: golden["inputs"]})[0]
+    # int8 weights: the official top-1 kept, probabilities near the official ones (measured 0.014).
+    np.testing.assert_array_equal(probabilities.argmax(-1), golden["logits"].argmax(-1))
+    np.testing.assert_allclose(probabilities, softmax(golden["logits"]), atol=0.05)
+
+    # TFLite at a fixed size: float32, so equal to the official outputs to float noise.
+    assert main(["export", str(tmp_path / "gcvit.tflite"), "--size", "224", *CUSTOM]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'gcvit.tflite'} (litert, ")
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:  # TensorFlow's own copy, deprecated
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter
+    interpreter = Interpreter(model_path=str(tmp_path / "gcvit.tflite"))
+    (feed,) = interpreter.get_input_details()
+    assert list(feed["shape_signature"]) == [-1, 224, 224, 3]
+    interpreter.resize_tensor_input(feed["index"], golden["inputs"].shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(feed["index"], golden["inputs"])
+    interpreter.invoke()
+    output = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    np.testing.assert_allclose(output, softmax(golden["logits"]), rtol=0, atol=1e-5)
+
+
+def test_export_on_another_backend_says_which_to_use(data, capsys, monkeypatch):
+    import keras
+
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    assert main(["export", str(data["root"] / "model.onnx"), *CUSTOM]) == 1
+    assert capsys.readouterr().err == ("tfgcvit: error: export runs on the TensorFlow backend (the Keras backend "
+                                       "here is 'jax'); run it with KERAS_BACKEND=tensorflow\n")
+    assert not (data["root"] / "model.onnx").exists()
 
 
 def test_pretrained_weights_offline_fail_with_one_error_line(runs):

@@ -1,4 +1,4 @@
-"""The `tfgcvit` command: predict, evaluate, explain, info, convert and benchmark.
+"""The `tfgcvit` command: predict, evaluate, explain, export, info, convert and benchmark.
 
 Exit codes: 0 on success; 1 when something failed at run time (a missing
 model file, weights that cannot be downloaded, an image that cannot be read -
@@ -149,7 +149,8 @@ def _resolve_model(args):
     """What to build and how to preprocess, from --model/--weights/--config/--size.
 
     Returns:
-        A dict with "build" (a function of no arguments giving the model),
+        A dict with "build" (a function giving the model, for an optional
+        `input_shape` other than (size, size, 3)),
         "size", "crop_pct", "crop_mode", "classes", "name" and "weights".
     """
     from tfgcvit.model.gcvit import GCViT, get_constructor
@@ -169,12 +170,12 @@ def _resolve_model(args):
         classes = int(config["num_classes"])
         weights = args.weights
 
-        def build():
+        def build(input_shape=(size, size, 3)):
             return GCViT(
                 **architecture_from_official_arguments(config),
                 classes=classes,
                 weights=weights,
-                input_shape=(size, size, 3),
+                input_shape=input_shape,
                 model_name="gcvit_custom",
             )
 
@@ -197,8 +198,8 @@ def _resolve_model(args):
                 raise CommandError(str(error)) from None
             crop_pct, crop_mode = entry["crop_pct"], entry["crop_mode"]
 
-        def build():
-            return get_constructor(variant)(weights=weights, classes=classes, input_shape=(size, size, 3))
+        def build(input_shape=(size, size, 3)):
+            return get_constructor(variant)(weights=weights, classes=classes, input_shape=input_shape)
 
         model_name = variant
 
@@ -210,10 +211,10 @@ def _resolve_model(args):
                 classes=classes, name=model_name, weights=weights)
 
 
-def _build_model(resolved):
+def _build_model(resolved, **options):
     """Builds the model; turns loading failures into one line."""
     try:
-        return resolved["build"]()
+        return resolved["build"](**options)
     except (OSError, ValueError) as error:
         # OSError: missing or unreadable files, failed downloads (DownloadError).
         # ValueError: mismatched or malformed checkpoints, bad hyper-parameters.
@@ -644,6 +645,66 @@ def _explain(args):
     return _finish(args, header, records)
 
 
+# export ----------------------------------------------------------------------
+
+# The output file's suffix chooses the format (`tfgcvit.export.export_model`'s names).
+EXPORT_FORMATS = {".onnx": "onnx", ".tflite": "litert"}
+
+
+def _export(args):
+    import keras
+
+    from tfgcvit.export import export_model, quantize_onnx
+    from tfgcvit.weights.download import replaced_atomically
+
+    output = args.output
+    suffix = os.path.splitext(output)[1].lower()
+    if suffix not in EXPORT_FORMATS:
+        raise CommandError(f"{output}: name the file *.onnx (ONNX) or *.tflite (TFLite); its suffix chooses "
+                           "the format (for a SavedModel, call tfgcvit.export.export_model from Python)")
+    export_format = EXPORT_FORMATS[suffix]
+    if args.int8 and export_format != "onnx":
+        raise CommandError("--int8 quantises ONNX files (ONNX Runtime's dynamic quantisation); for TFLite, "
+                           "pass optimizations to tfgcvit.export.export_model from Python")
+    if os.path.isdir(output):
+        raise CommandError(f"{output} is a folder; give a file name")
+    if os.path.exists(output) and not args.overwrite:
+        raise CommandError(f"{output} exists; pass --overwrite to replace it")
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise CommandError(f"{folder}: no such folder")
+    if keras.backend.backend() != "tensorflow":
+        raise CommandError(f"export runs on the TensorFlow backend (the Keras backend here is "
+                           f"{keras.backend.backend()!r}); run it with KERAS_BACKEND=tensorflow")
+    resolved = _resolve_model(args)
+    # Any height and width unless --size fixes one (a fixed size runs faster in OpenVINO).
+    input_shape = (None, None, 3) if args.size is None else (args.size, args.size, 3)
+    model = _build_model(resolved, input_shape=input_shape)
+    with replaced_atomically(output, suffix=suffix) as temporary:
+        try:
+            with warnings.catch_warnings():
+                # Keras' tf2onnx shim checks for NumPy's removed `np.object` (a FutureWarning).
+                warnings.simplefilter("ignore", FutureWarning)
+                export_model(model, temporary, format=export_format)
+        except ValueError as error:
+            raise CommandError(str(error)) from None
+        if args.int8:
+            with replaced_atomically(temporary, suffix=".int8" + suffix) as quantized:
+                quantize_onnx(temporary, quantized)
+    record = {"output": output, "format": export_format, "int8": args.int8, "model": resolved["name"],
+              "weights": resolved["weights"], "input_shape": [None, *input_shape],
+              "classes": resolved["classes"], "bytes": os.path.getsize(output)}
+    if args.json:
+        print(json.dumps(record, indent=1))
+        return 0
+    size = "any height and width" if args.size is None else f"{args.size}x{args.size}"
+    print(f"wrote {output} ({'int8 ' if args.int8 else ''}{export_format}, {record['bytes'] / 1e6:.1f} MB): "
+          f"{resolved['name']} with {resolved['weights']} weights; input float32 (batch, height, width, 3), "
+          f"{size}, RGB normalised as tfgcvit.preprocess_input does; output (batch, {resolved['classes']}) "
+          "probabilities")
+    return 0
+
+
 # info ------------------------------------------------------------------------
 
 
@@ -734,7 +795,8 @@ def _crop_pct(text):
     return value
 
 
-def _add_model_arguments(parser, batch_size):
+def _add_model_arguments(parser, batch_size, size_help=None):
+    """The options that choose the model and, unless batch_size is None, how images reach it."""
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"variant name (xxtiny, xtiny, tiny, tiny2, small, small2, base, large, "
                              f"large_384, large_512; aliases nano, micro) or '{CUSTOM_MODEL}' with --config "
@@ -748,8 +810,12 @@ def _add_model_arguments(parser, batch_size):
     parser.add_argument("--classes", type=_positive_int,
                         help="classes of the checkpoint's head when it is not 1000 (variants only)")
     parser.add_argument("--size", type=_input_size,
-                        help=f"input size, 32..{MAX_INPUT_SIZE} (default: the variant's native size, or the "
-                             "config's res)")
+                        help=size_help or f"input size, 32..{MAX_INPUT_SIZE} (default: the variant's native "
+                                          "size, or the config's res)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    if batch_size is None:
+        parser.set_defaults(crop_pct=None, crop_mode=None)
+        return
     parser.add_argument("--crop-pct", type=_crop_pct,
                         help=f"resize to int(size / crop_pct) before the centre crop (default: the "
                              f"official checkpoint's, else {DEFAULT_CROP_PCT})")
@@ -760,14 +826,13 @@ def _add_model_arguments(parser, batch_size):
                         help=f"images per batch (default: {batch_size})")
     parser.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1,
                         help="threads decoding images (default: the number of CPUs)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
 def build_parser():
     parser = _Parser(
         prog=PROG,
         description="Global Context Vision Transformer (GC ViT) in Keras 3: classify images, "
-                    "evaluate on ImageNet-v2, convert official weights, benchmark.",
+                    "evaluate on ImageNet-v2, export for deployment, convert official weights, benchmark.",
         epilog=f"Exit codes: 0 success, 1 failure (one line on stderr), 2 bad command line. "
                f"{WEIGHTS_LICENSE}",
     )
@@ -794,6 +859,18 @@ def build_parser():
 
     explain = commands.add_parser("explain", help="pictures of the class-activation and global-attention maps")
     _add_explain_arguments(explain)
+
+    export = commands.add_parser("export", help="an ONNX or TFLite file for deployment")
+    export.add_argument("output", metavar="OUTPUT",
+                        help="file to write: *.onnx (ONNX, optimised for ONNX Runtime and OpenVINO) or "
+                             "*.tflite (TFLite)")
+    export.add_argument("--int8", action="store_true",
+                        help="ONNX only: int8 weights for the dense layers (ONNX Runtime's dynamic quantisation; "
+                             "faster on CPU, logits move a little: check on your data)")
+    export.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    _add_model_arguments(export, batch_size=None, size_help="fix the input to SIZE x SIZE, 32..{} "
+                         "(default: any height and width, dynamic batch)".format(MAX_INPUT_SIZE))
+    export.set_defaults(handler=_export)
 
     info = commands.add_parser("info", help="variants, parameter counts, official weights and cache")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -25,6 +25,8 @@ session, save them (`model.save_weights("m.weights.h5")`), rebuild the same
 model under `KERAS_BACKEND=tensorflow`, load them and export there.
 """
 
+import logging
+
 import keras
 import numpy as np
 
@@ -965,30 +967,70 @@ class _Rewrite:
         ]
 
 
-def quantize_onnx(path, output_path, per_channel=True):
+# ONNX Runtime's CPU provider runs int8 MatMuls on its fast integer kernels, but
+# has no fast ConvInteger: with GC ViT's convolutions quantised too, GCViT-Tiny
+# ran at 0.73-0.94x float32's speed; with the MatMuls only, 1.20-1.33x (batch 1)
+# and 1.46-1.55x (batch 8) (2-core AMD EPYC; BENCHMARKS.md, "int8 ONNX").
+QUANTIZE_OP_TYPES = ("MatMul",)
+
+
+def quantize_onnx(path, output_path, per_channel=True, op_types=QUANTIZE_OP_TYPES):
     """Int8 dynamic quantisation of an exported ONNX file, for ONNX Runtime.
 
-    The weights of every MatMul and Conv are stored as int8 and activations are
-    quantised as the model runs (`onnxruntime.quantization.quantize_dynamic`).
-    It costs accuracy: check it on your own data. On the test fixture
-    (BENCHMARKS.md, "Deployment") top-1 agreed with float32 on all 8 images
-    tried, while logits (up to 2.5 in size) moved by up to 0.23.
+    The weights of the chosen operators (by default every MatMul with a constant
+    weight: the dense layers) are stored as int8 and their inputs are quantised
+    as the model runs (`onnxruntime.quantization.quantize_dynamic`); the
+    convolutions stay float32 by default, because ONNX Runtime has no fast kernel
+    for `ConvInteger` and quantising them makes the whole model slower than
+    float32. It costs accuracy: check it on your own data. On the test fixture
+    (BENCHMARKS.md, "int8 ONNX") top-1 agreed with float32 on all 8 images
+    tried, while logits (up to 2.5 in size) moved by up to 0.2.
 
     Args:
         path: a float32 ONNX file, e.g. from `export_model(..., format="onnx")`.
         output_path: where to write the quantised file.
         per_channel: one scale per output channel (more accurate) rather than
             one per tensor.
+        op_types: the ONNX operator types to quantise, e.g. `("MatMul", "Conv")`
+            for the smallest file rather than the fastest one.
 
     Returns:
         `output_path`.
 
     Raises:
         FileNotFoundError: `path` does not exist.
+        ValueError: `op_types` is empty or names an operator ONNX Runtime's
+            dynamic quantisation does not handle.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.registry import IntegerOpsRegistry
 
     _require_onnx_file(path)
-    quantize_dynamic(str(path), str(output_path), per_channel=per_channel,
-                     weight_type=QuantType.QInt8)
+    op_types = [op_types] if isinstance(op_types, str) else list(op_types)
+    unknown = [name for name in op_types if name not in IntegerOpsRegistry]
+    if not op_types or unknown:
+        raise ValueError(
+            f"op_types={op_types!r}: give one or more of {sorted(IntegerOpsRegistry)} "
+            f"(the operators ONNX Runtime quantises dynamically), e.g. {list(QUANTIZE_OP_TYPES)}."
+        )
+    # The quantiser logs advice to run its pre-processing (shape inference and graph
+    # optimisation) through the root logger; export_model's files have had both.
+    advice = _DropMessages("Please consider to run pre-processing before quantization")
+    logging.getLogger().addFilter(advice)
+    try:
+        quantize_dynamic(str(path), str(output_path), per_channel=per_channel,
+                         weight_type=QuantType.QInt8, op_types_to_quantize=op_types)
+    finally:
+        logging.getLogger().removeFilter(advice)
     return output_path
+
+
+class _DropMessages(logging.Filter):
+    """Drops log records whose message starts with `prefix`."""
+
+    def __init__(self, prefix):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record):
+        return not record.getMessage().startswith(self.prefix)
