@@ -336,7 +336,8 @@ def test_export_writes_onnx_and_tflite_files_that_classify_like_the_model(data, 
 
     assert main(["export", str(output), "--int8", "--overwrite", "--json", *CUSTOM]) == 0
     record = json.loads(capsys.readouterr().out)
-    assert record["format"] == "onnx" and record["int8"] and record["input_shape"] == [None, None, None, 3]
+    assert record["format"] == "onnx" and record["int8"] and not record["include_preprocessing"]
+    assert record["input_shape"] == [None, None, None, 3]
     assert record["bytes"] == output.stat().st_size and record["classes"] == 10
     assert [path.name for path in tmp_path.iterdir()] == ["gcvit.onnx"]  # no temporary left behind
     session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
@@ -345,9 +346,14 @@ def test_export_writes_onnx_and_tflite_files_that_classify_like_the_model(data, 
     np.testing.assert_array_equal(probabilities.argmax(-1), golden["logits"].argmax(-1))
     np.testing.assert_allclose(probabilities, softmax(golden["logits"]), atol=0.05)
 
-    # TFLite at a fixed size: float32, so equal to the official outputs to float noise.
-    assert main(["export", str(tmp_path / "gcvit.tflite"), "--size", "224", *CUSTOM]) == 0
-    assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'gcvit.tflite'} (litert, ")
+    # TFLite at a fixed size, taking pixels: float32, so equal to the official outputs to float noise.
+    assert main(["export", str(tmp_path / "gcvit.tflite"), "--size", "224", "--include-preprocessing",
+                 *CUSTOM]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"wrote {tmp_path / 'gcvit.tflite'} (litert, ") and "RGB pixels in [0, 255]" in out
+    from tfgcvit.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+
+    pixels = (golden["inputs"] * np.float32(IMAGENET_STD) + np.float32(IMAGENET_MEAN)) * np.float32(255)
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:  # TensorFlow's own copy, deprecated
@@ -357,9 +363,9 @@ def test_export_writes_onnx_and_tflite_files_that_classify_like_the_model(data, 
     interpreter = Interpreter(model_path=str(tmp_path / "gcvit.tflite"))
     (feed,) = interpreter.get_input_details()
     assert list(feed["shape_signature"]) == [-1, 224, 224, 3]
-    interpreter.resize_tensor_input(feed["index"], golden["inputs"].shape)
+    interpreter.resize_tensor_input(feed["index"], pixels.shape)
     interpreter.allocate_tensors()
-    interpreter.set_tensor(feed["index"], golden["inputs"])
+    interpreter.set_tensor(feed["index"], pixels.astype(np.float32))
     interpreter.invoke()
     output = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
     np.testing.assert_allclose(output, softmax(golden["logits"]), rtol=0, atol=1e-5)

@@ -149,8 +149,8 @@ def _resolve_model(args):
     """What to build and how to preprocess, from --model/--weights/--config/--size.
 
     Returns:
-        A dict with "build" (a function giving the model, for an optional
-        `input_shape` other than (size, size, 3)),
+        A dict with "build" (a function giving the model; it takes an
+        `input_shape` other than (size, size, 3) and other `GCViT` options),
         "size", "crop_pct", "crop_mode", "classes", "name" and "weights".
     """
     from tfgcvit.model.gcvit import GCViT, get_constructor
@@ -170,13 +170,14 @@ def _resolve_model(args):
         classes = int(config["num_classes"])
         weights = args.weights
 
-        def build(input_shape=(size, size, 3)):
+        def build(input_shape=(size, size, 3), **options):
             return GCViT(
                 **architecture_from_official_arguments(config),
                 classes=classes,
                 weights=weights,
                 input_shape=input_shape,
                 model_name="gcvit_custom",
+                **options,
             )
 
     else:
@@ -198,8 +199,8 @@ def _resolve_model(args):
                 raise CommandError(str(error)) from None
             crop_pct, crop_mode = entry["crop_pct"], entry["crop_mode"]
 
-        def build(input_shape=(size, size, 3)):
-            return get_constructor(variant)(weights=weights, classes=classes, input_shape=input_shape)
+        def build(input_shape=(size, size, 3), **options):
+            return get_constructor(variant)(weights=weights, classes=classes, input_shape=input_shape, **options)
 
         model_name = variant
 
@@ -679,7 +680,7 @@ def _export(args):
     resolved = _resolve_model(args)
     # Any height and width unless --size fixes one (a fixed size runs faster in OpenVINO).
     input_shape = (None, None, 3) if args.size is None else (args.size, args.size, 3)
-    model = _build_model(resolved, input_shape=input_shape)
+    model = _build_model(resolved, input_shape=input_shape, include_preprocessing=args.include_preprocessing)
     with replaced_atomically(output, suffix=suffix) as temporary:
         try:
             with warnings.catch_warnings():
@@ -691,17 +692,19 @@ def _export(args):
         if args.int8:
             with replaced_atomically(temporary, suffix=".int8" + suffix) as quantized:
                 quantize_onnx(temporary, quantized)
-    record = {"output": output, "format": export_format, "int8": args.int8, "model": resolved["name"],
+    record = {"output": output, "format": export_format, "int8": args.int8,
+              "include_preprocessing": args.include_preprocessing, "model": resolved["name"],
               "weights": resolved["weights"], "input_shape": [None, *input_shape],
               "classes": resolved["classes"], "bytes": os.path.getsize(output)}
     if args.json:
         print(json.dumps(record, indent=1))
         return 0
     size = "any height and width" if args.size is None else f"{args.size}x{args.size}"
+    pixels = ("RGB pixels in [0, 255]" if args.include_preprocessing
+              else "RGB normalised as tfgcvit.preprocess_input does")
     print(f"wrote {output} ({'int8 ' if args.int8 else ''}{export_format}, {record['bytes'] / 1e6:.1f} MB): "
           f"{resolved['name']} with {resolved['weights']} weights; input float32 (batch, height, width, 3), "
-          f"{size}, RGB normalised as tfgcvit.preprocess_input does; output (batch, {resolved['classes']}) "
-          "probabilities")
+          f"{size}, {pixels}; output (batch, {resolved['classes']}) probabilities")
     return 0
 
 
@@ -867,6 +870,9 @@ def build_parser():
     export.add_argument("--int8", action="store_true",
                         help="ONNX only: int8 weights for the dense layers (ONNX Runtime's dynamic quantisation; "
                              "faster on CPU, logits move a little: check on your data)")
+    export.add_argument("--include-preprocessing", action="store_true",
+                        help="the file takes RGB pixels in [0, 255] and normalises them itself (default: it "
+                             "takes images normalised as tfgcvit.preprocess_input does)")
     export.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     _add_model_arguments(export, batch_size=None, size_help="fix the input to SIZE x SIZE, 32..{} "
                          "(default: any height and width, dynamic batch)".format(MAX_INPUT_SIZE))
