@@ -381,6 +381,19 @@ def test_export_on_another_backend_says_which_to_use(data, capsys, monkeypatch):
     assert not (data["root"] / "model.onnx").exists()
 
 
+def test_export_without_the_onnx_packages_names_the_extra(data, capsys, monkeypatch):
+    import tfgcvit.export
+
+    def missing(*args, **kwargs):
+        raise ImportError("This requires the tf2onnx module.")
+
+    monkeypatch.setattr(tfgcvit.export, "export_model", missing)
+    assert main(["export", str(data["root"] / "model.onnx"), *CUSTOM]) == 1
+    assert capsys.readouterr().err == ("tfgcvit: error: This requires the tf2onnx module. (pip install "
+                                       "'tfgcvit[onnx]' installs what ONNX export needs)\n")
+    assert not list(data["root"].glob("*model.onnx*"))  # the temporary file is gone too
+
+
 def test_pretrained_weights_offline_fail_with_one_error_line(runs):
     result = runs["pretrained_offline"]
     assert result.returncode == 1 and "Traceback" not in result.stderr

@@ -687,11 +687,13 @@ def _export(args):
                 # Keras' tf2onnx shim checks for NumPy's removed `np.object` (a FutureWarning).
                 warnings.simplefilter("ignore", FutureWarning)
                 export_model(model, temporary, format=export_format)
+            if args.int8:
+                with replaced_atomically(temporary, suffix=".int8" + suffix) as quantized:
+                    quantize_onnx(temporary, quantized)
         except ValueError as error:
             raise CommandError(str(error)) from None
-        if args.int8:
-            with replaced_atomically(temporary, suffix=".int8" + suffix) as quantized:
-                quantize_onnx(temporary, quantized)
+        except ImportError as error:  # tf2onnx, onnx or onnxruntime missing
+            raise CommandError(f"{error} (pip install 'tfgcvit[onnx]' installs what ONNX export needs)") from None
     record = {"output": output, "format": export_format, "int8": args.int8,
               "include_preprocessing": args.include_preprocessing, "model": resolved["name"],
               "weights": resolved["weights"], "input_shape": [None, *input_shape],
