@@ -43,8 +43,8 @@ BACKENDS = {
 # Why the other backends are not offered, shown in the error.
 UNSUPPORTED_REASONS = {
     ("tf_saved_model", "torch"): "Keras cannot write a TensorFlow SavedModel from PyTorch",
-    ("onnx", "jax"): ("Keras' JAX path needs the separate jax2onnx converter and its flax, "
-                      "equinox and optax dependencies, not installed with tfgcvit nor tested"),
+    ("onnx", "jax"): ("Keras' JAX path, the separate jax2onnx 0.17 converter (with flax, equinox, "
+                      "optax and orbax), fails on GC ViT's reshapes of symbolic shapes"),
     ("onnx", "torch"): ("Keras' PyTorch path (torch.onnx) fails on GC ViT's dynamic window "
                         "shapes and has no dynamic batch"),
     ("litert", "jax"): "Keras has no LiteRT exporter for JAX",
