@@ -43,6 +43,17 @@ def load(path, runtime, threads, x, static=False):
     return lambda: np.array(request.infer({0: images})[compiled.output(0)])
 
 
+def interleaved_times(runs, rounds):
+    """Seconds per call of each function in RUNS (name -> function), called in turn for ROUNDS rounds."""
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="+")
@@ -56,12 +67,7 @@ def main():
     runs = {path: load(path, args.runtime, args.threads, x) for path in args.files}
     outputs = {path: run() for path, run in runs.items()}
     first = args.files[0]
-    times = {path: [] for path in args.files}
-    for _ in range(args.rounds):
-        for path, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[path].append(time.perf_counter() - start)
+    times = interleaved_times(runs, args.rounds)
     version = onnxruntime.__version__ if args.runtime == "onnxruntime" else __import__("openvino").__version__
     print(f"{args.runtime} {version}, batch {args.batch}, {args.threads} threads, "
           f"{args.rounds} interleaved rounds")

@@ -19,7 +19,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -39,16 +38,13 @@ SETTINGS = [
 
 def accuracy(workdir):
     import onnxruntime
-    import torch
 
     from conftest import FIXTURE_CONFIG, FIXTURES
-    from tfgcvit import GCViT, load_torch_weights
+    from tfgcvit import GCViT
     from tfgcvit.export import export_model, quantize_onnx
 
     golden = np.load(FIXTURES / "custom_224_golden.npz")
-    checkpoint = torch.load(FIXTURES / "custom_224.pth.tar", map_location="cpu", weights_only=False)
-    model = load_torch_weights(GCViT(**FIXTURE_CONFIG),
-                               {k: v.numpy() for k, v in checkpoint["state_dict"].items()})
+    model = GCViT(**FIXTURE_CONFIG, weights=str(FIXTURES / "custom_224.pth.tar"))
     images = np.concatenate([
         golden["inputs"],
         np.random.default_rng(0).standard_normal((6, 224, 224, 3), dtype=np.float32),
@@ -80,7 +76,7 @@ def accuracy(workdir):
 def speed(directory, rounds, batches):
     import onnxruntime
 
-    from onnx_ab import load
+    from onnx_ab import interleaved_times, load
     from tfgcvit.export import quantize_onnx
 
     files = {}
@@ -100,12 +96,7 @@ def speed(directory, rounds, batches):
         runs = {label: load(str(path), "onnxruntime", 2, x) for label, path in files.items()}
         for run in runs.values():
             run()
-        times = {label: [] for label in runs}
-        for _ in range(rounds):
-            for label, run in runs.items():
-                start = time.perf_counter()
-                run()
-                times[label].append(time.perf_counter() - start)
+        times = interleaved_times(runs, rounds)
         medians[batch] = {label: 1000 * float(np.median(t)) for label, t in times.items()}
         del runs
     for label in files:

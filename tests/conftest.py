@@ -58,6 +58,17 @@ def realistic_weights_(module, seed):
                 param.copy_(torch.randn(param.shape, generator=generator) / fan_in**0.5)
 
 
+def tflite_interpreter(path):
+    """A TFLite interpreter for the file at `path`: LiteRT's, else TensorFlow's own (deprecated) copy."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter
+    return Interpreter(model_path=str(path))
+
+
 @pytest.fixture(scope="session")
 def golden():
     return dict(np.load(FIXTURES / "custom_224_golden.npz"))

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FIXTURES, OFFICIAL_PARAMS, REPO
+from conftest import FIXTURES, OFFICIAL_PARAMS, REPO, tflite_interpreter
 from tfgcvit.cli import main
 from tfgcvit.config import parameter_count
 
@@ -35,6 +35,8 @@ CUSTOM = ["--model", "custom", "--config", str(CONFIG), "--weights", str(CHECKPO
 # The fixture evaluates like timm's default test transform (no registry entry for it).
 SIZE, CROP_PCT = 224, 0.875
 PARALLEL_COMMANDS = 3
+only_tensorflow = pytest.mark.skipif(os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow",
+                                     reason="export runs on the TensorFlow backend")
 
 # TensorFlow's C++ start-up lines, printed while `import tfgcvit` loads Keras,
 # before the command can silence them. Everything else on stderr is checked.
@@ -323,8 +325,7 @@ def test_bad_input_is_one_line_and_exit_code_1(data, capsys, arguments, pattern)
     assert re.fullmatch(f"tfgcvit: error: {pattern}\n", captured.err), captured.err
 
 
-@pytest.mark.skipif(os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow",
-                    reason="export runs on the TensorFlow backend")
+@only_tensorflow
 def test_export_writes_a_tflite_file_that_classifies_like_the_model(data, golden, capsys, tmp_path):
     output = tmp_path / "gcvit.tflite"
     output.write_text("an older export")
@@ -343,13 +344,7 @@ def test_export_writes_a_tflite_file_that_classifies_like_the_model(data, golden
     from tfgcvit.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
     pixels = (golden["inputs"] * np.float32(IMAGENET_STD) + np.float32(IMAGENET_MEAN)) * np.float32(255)
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:  # TensorFlow's own copy, deprecated
-        import tensorflow as tf
-
-        Interpreter = tf.lite.Interpreter
-    interpreter = Interpreter(model_path=str(output))
+    interpreter = tflite_interpreter(output)
     (feed,) = interpreter.get_input_details()
     assert list(feed["shape_signature"]) == [-1, 224, 224, 3]
     interpreter.resize_tensor_input(feed["index"], pixels.shape)
@@ -377,8 +372,7 @@ def _small_onnx_file(path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
 
 
-@pytest.mark.skipif(os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow",
-                    reason="export runs on the TensorFlow backend")
+@only_tensorflow
 def test_export_int8_quantises_the_exported_onnx_files_dense_layers(data, capsys, monkeypatch, tmp_path):
     """`--int8` runs `quantize_onnx` on what `export_model` wrote (the ONNX export itself: test_export.py)."""
     pytest.importorskip("onnxruntime")

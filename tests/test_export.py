@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import FIXTURE_CONFIG, tolerance
+from conftest import FIXTURE_CONFIG, tflite_interpreter, tolerance
 
 BACKEND = keras.backend.backend()
 only_tensorflow = pytest.mark.skipif(BACKEND != "tensorflow", reason="exports from TensorFlow")
@@ -334,13 +334,7 @@ def test_tflite_runs_with_dynamic_batch_and_size(dynamic_model, cases, tmp_path)
     from tfgcvit.export import export_model
 
     path = export_model(dynamic_model, tmp_path / "gcvit.tflite", format="litert")
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:  # TensorFlow's own copy, deprecated
-        import tensorflow as tf
-
-        Interpreter = tf.lite.Interpreter
-    interpreter = Interpreter(model_path=str(path))
+    interpreter = tflite_interpreter(path)
     (feed,) = interpreter.get_input_details()
     assert list(feed["shape_signature"]) == [-1, -1, -1, 3]
     # Builtin ops only (no Flex/Select TF ops), so plain LiteRT runs it.

@@ -655,7 +655,7 @@ EXPORT_FORMATS = {".onnx": "onnx", ".tflite": "litert"}
 def _export(args):
     import keras
 
-    from tfgcvit.export import export_model, quantize_onnx
+    from tfgcvit.export import BACKENDS, export_model, quantize_onnx
     from tfgcvit.weights.download import replaced_atomically
 
     output = args.output
@@ -674,7 +674,8 @@ def _export(args):
     folder = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(folder):
         raise CommandError(f"{folder}: no such folder")
-    if keras.backend.backend() != "tensorflow":
+    # Checked before the model is built; both formats export from TensorFlow only.
+    if keras.backend.backend() not in BACKENDS[export_format]:
         raise CommandError(f"export runs on the TensorFlow backend (the Keras backend here is "
                            f"{keras.backend.backend()!r}); run it with KERAS_BACKEND=tensorflow")
     resolved = _resolve_model(args)
