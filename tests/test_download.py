@@ -3,6 +3,7 @@
 import hashlib
 import io
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -13,7 +14,8 @@ from tfgcvit.weights import download
 from tfgcvit.weights.download import DownloadError, cache_dir, fetch, mirrored
 from weights_helpers import REPO, FileServer
 
-PAYLOAD = os.urandom(3 * 1024 * 1024 + 17)
+# Seeded, so that parallel test workers (pytest-xdist) collect the same test ids.
+PAYLOAD = random.Random(0).randbytes(3 * 1024 * 1024 + 17)
 PAYLOAD_SHA256 = hashlib.sha256(PAYLOAD).hexdigest()
 NAME = "gcvit_test.pth.tar"
 URL_PATH = f"/files/{NAME}"
