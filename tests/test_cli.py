@@ -307,7 +307,8 @@ def test_unreachable_weights_are_one_line(runs):
          r"\S+/named: class folders must be named by class index .*'cat', 'dog'"),
         (lambda d: ["evaluate", str(d["no_files"]), *CUSTOM], r"\S+/no_files: the class folders hold no files"),
         (lambda d: ["export", str(d["root"] / "model.pb"), *CUSTOM],
-         r"\S+/model\.pb: name the file \*\.onnx \(ONNX\) or \*\.tflite \(TFLite\); .*"),
+         r"\S+/model\.pb: name the file \*\.onnx \(ONNX\) or \*\.tflite \(TFLite\), or give a name without a "
+         r"suffix for a TensorFlow SavedModel folder; .*"),
         (lambda d: ["export", str(d["root"] / "model.tflite"), "--int8", *CUSTOM],
          r"--int8 quantises ONNX files .*"),
         (lambda d: ["export", str(d["root"] / "absent" / "model.onnx"), *CUSTOM], r"\S+/absent: no such folder"),
@@ -353,6 +354,53 @@ def test_export_writes_a_tflite_file_that_classifies_like_the_model(data, golden
     interpreter.invoke()
     output = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
     np.testing.assert_allclose(output, softmax(golden["logits"]), rtol=0, atol=1e-5)
+
+
+@only_tensorflow
+def test_export_writes_a_saved_model_folder_that_serves_any_size(data, golden, capsys, monkeypatch, tmp_path):
+    import tensorflow as tf
+
+    import tfgcvit.export
+
+    # A folder that is not a SavedModel is never replaced, not even with --overwrite.
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "keep.txt").write_text("mine")
+    assert main(["export", str(notes), "--overwrite", *CUSTOM]) == 1
+    assert capsys.readouterr().err == f"tfgcvit: error: {notes} exists and is not a SavedModel folder; choose another name\n"
+    assert [path.name for path in notes.iterdir()] == ["keep.txt"]
+
+    output = tmp_path / "gcvit"
+    assert main(["export", f"{output}/", "--json", *CUSTOM]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["format"] == "tf_saved_model" and record["input_shape"] == [None, None, None, 3]
+    assert record["bytes"] == sum(path.stat().st_size for path in output.rglob("*") if path.is_file())
+    loaded = tf.saved_model.load(str(output))  # held: `serve` alone does not keep the variables alive
+    serve = loaded.serve
+    np.testing.assert_allclose(serve(tf.constant(golden["inputs"])).numpy(), softmax(golden["logits"]),
+                               rtol=0, atol=1e-5)
+    assert serve(tf.zeros((3, 97, 131, 3))).shape == (3, 10)  # any batch, height and width
+
+    # An existing SavedModel needs --overwrite and is then replaced whole; a failed
+    # export leaves it as it was. (The export itself is stubbed: it was checked above.)
+    def export_model(model, path, format):
+        if format != "tf_saved_model":
+            raise ValueError(f"unexpected format {format}")
+        if model.input_shape != (None, 224, 224, 3):
+            raise ValueError("an export that fails")
+        (Path(path) / "saved_model.pb").write_bytes(b"the new export")
+
+    monkeypatch.setattr(tfgcvit.export, "export_model", export_model)
+    (output / "stale.txt").write_text("from the first export")
+    assert main(["export", str(output), "--size", "224", *CUSTOM]) == 1
+    assert capsys.readouterr().err == f"tfgcvit: error: {output} exists; pass --overwrite to replace it\n"
+    assert main(["export", str(output), "--overwrite", *CUSTOM]) == 1
+    assert capsys.readouterr().err == "tfgcvit: error: an export that fails\n"
+    assert (output / "stale.txt").exists()
+    assert main(["export", str(output), "--overwrite", "--size", "224", *CUSTOM]) == 0
+    assert [path.name for path in output.iterdir()] == ["saved_model.pb"]
+    assert (output / "saved_model.pb").read_bytes() == b"the new export"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["gcvit", "notes"]  # no temporaries
 
 
 def _small_onnx_file(path):
@@ -401,8 +449,8 @@ def test_export_on_another_backend_says_which_to_use(data, capsys, monkeypatch):
 
     monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
     assert main(["export", str(data["root"] / "model.onnx"), *CUSTOM]) == 1
-    assert capsys.readouterr().err == ("tfgcvit: error: export runs on the TensorFlow backend (the Keras backend "
-                                       "here is 'jax'); run it with KERAS_BACKEND=tensorflow\n")
+    assert capsys.readouterr().err == ("tfgcvit: error: ONNX export runs on the TensorFlow backend (the Keras "
+                                       "backend here is 'jax'); run it with KERAS_BACKEND=tensorflow\n")
     assert not (data["root"] / "model.onnx").exists()
 
 

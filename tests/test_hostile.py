@@ -373,6 +373,19 @@ def test_pending_temporaries_are_removed_on_interrupt(tmp_path):
     assert list(tmp_path.iterdir()) == [] and not download._PENDING
 
 
+def test_pending_temporary_folders_are_removed_on_interrupt(tmp_path):
+    destination = tmp_path / "gcvit"  # a SavedModel (tfgcvit export)
+    with pytest.raises(KeyboardInterrupt):
+        with download.replaced_atomically(str(destination), suffix=".savedmodel", folder=True) as temporary:
+            (Path(temporary) / "variables").mkdir()
+            (Path(temporary) / "saved_model.pb").write_bytes(b"half")
+            assert download._PENDING == {temporary}
+            download.remove_pending_files()
+            assert not os.path.exists(temporary)
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == [] and not download._PENDING
+
+
 def _interrupt_when(process, ready, timeout=240):
     """Sends SIGINT to `process` once `ready()` holds; returns (exit code, stderr)."""
     deadline = time.monotonic() + timeout

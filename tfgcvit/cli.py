@@ -648,8 +648,18 @@ def _explain(args):
 
 # export ----------------------------------------------------------------------
 
-# The output file's suffix chooses the format (`tfgcvit.export.export_model`'s names).
-EXPORT_FORMATS = {".onnx": "onnx", ".tflite": "litert"}
+# The output's suffix chooses the format (`tfgcvit.export.export_model`'s names);
+# a name without one is a SavedModel folder.
+EXPORT_FORMATS = {".onnx": "onnx", ".tflite": "litert", "": "tf_saved_model"}
+FORMAT_NAMES = {"onnx": "ONNX", "litert": "TFLite", "tf_saved_model": "TensorFlow SavedModel"}
+
+
+def _is_saved_model(path):
+    return os.path.isfile(os.path.join(path, "saved_model.pb"))
+
+
+def _folder_bytes(path):
+    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
 
 
 def _export(args):
@@ -658,31 +668,38 @@ def _export(args):
     from tfgcvit.export import BACKENDS, export_model, quantize_onnx
     from tfgcvit.weights.download import replaced_atomically
 
-    output = args.output
+    output = args.output.rstrip("/") or args.output
     suffix = os.path.splitext(output)[1].lower()
     if suffix not in EXPORT_FORMATS:
-        raise CommandError(f"{output}: name the file *.onnx (ONNX) or *.tflite (TFLite); its suffix chooses "
-                           "the format (for a SavedModel, call tfgcvit.export.export_model from Python)")
+        raise CommandError(f"{output}: name the file *.onnx (ONNX) or *.tflite (TFLite), or give a name "
+                           "without a suffix for a TensorFlow SavedModel folder; the name chooses the format")
     export_format = EXPORT_FORMATS[suffix]
+    saved_model = export_format == "tf_saved_model"
     if args.int8 and export_format != "onnx":
         raise CommandError("--int8 quantises ONNX files (ONNX Runtime's dynamic quantisation); for TFLite, "
                            "pass optimizations to tfgcvit.export.export_model from Python")
-    if os.path.isdir(output):
-        raise CommandError(f"{output} is a folder; give a file name")
-    if os.path.exists(output) and not args.overwrite:
-        raise CommandError(f"{output} exists; pass --overwrite to replace it")
+    if os.path.exists(output):
+        if saved_model and not _is_saved_model(output):
+            # --overwrite replaces a SavedModel folder whole, never another folder or a file.
+            raise CommandError(f"{output} exists and is not a SavedModel folder; choose another name")
+        if not saved_model and os.path.isdir(output):
+            raise CommandError(f"{output} is a folder; give a file name")
+        if not args.overwrite:
+            raise CommandError(f"{output} exists; pass --overwrite to replace it")
     folder = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(folder):
         raise CommandError(f"{folder}: no such folder")
-    # Checked before the model is built; both formats export from TensorFlow only.
-    if keras.backend.backend() not in BACKENDS[export_format]:
-        raise CommandError(f"export runs on the TensorFlow backend (the Keras backend here is "
-                           f"{keras.backend.backend()!r}); run it with KERAS_BACKEND=tensorflow")
+    # Checked before the model is built.
+    backend = keras.backend.backend()
+    if backend not in BACKENDS[export_format]:
+        backends = " or ".join({"tensorflow": "TensorFlow", "jax": "JAX"}.get(b, b) for b in BACKENDS[export_format])
+        raise CommandError(f"{FORMAT_NAMES[export_format]} export runs on the {backends} backend (the Keras "
+                           f"backend here is {backend!r}); run it with KERAS_BACKEND=tensorflow")
     resolved = _resolve_model(args)
     # Any height and width unless --size fixes one (a fixed size runs faster in OpenVINO).
     input_shape = (None, None, 3) if args.size is None else (args.size, args.size, 3)
     model = _build_model(resolved, input_shape=input_shape, include_preprocessing=args.include_preprocessing)
-    with replaced_atomically(output, suffix=suffix) as temporary:
+    with replaced_atomically(output, suffix=suffix or ".savedmodel", folder=saved_model) as temporary:
         try:
             with warnings.catch_warnings():
                 # Keras' tf2onnx shim checks for NumPy's removed `np.object` (a FutureWarning).
@@ -694,20 +711,24 @@ def _export(args):
         except ValueError as error:
             raise CommandError(str(error)) from None
         except ImportError as error:  # tf2onnx, onnx or onnxruntime missing
-            raise CommandError(f"{error} (pip install 'tfgcvit[onnx]' installs what ONNX export needs)") from None
+            extra = " (pip install 'tfgcvit[onnx]' installs what ONNX export needs)" if export_format == "onnx" else ""
+            raise CommandError(f"{error}{extra}") from None
     record = {"output": output, "format": export_format, "int8": args.int8,
               "include_preprocessing": args.include_preprocessing, "model": resolved["name"],
               "weights": resolved["weights"], "input_shape": [None, *input_shape],
-              "classes": resolved["classes"], "bytes": os.path.getsize(output)}
+              "classes": resolved["classes"],
+              "bytes": _folder_bytes(output) if saved_model else os.path.getsize(output)}
     if args.json:
         print(json.dumps(record, indent=1))
         return 0
     size = "any height and width" if args.size is None else f"{args.size}x{args.size}"
     pixels = ("RGB pixels in [0, 255]" if args.include_preprocessing
               else "RGB normalised as tfgcvit.preprocess_input does")
+    serve = ("; serve it with TensorFlow Serving, or in Python: model = tf.saved_model.load(path); "
+             "model.serve(images)") if saved_model else ""
     print(f"wrote {output} ({'int8 ' if args.int8 else ''}{export_format}, {record['bytes'] / 1e6:.1f} MB): "
           f"{resolved['name']} with {resolved['weights']} weights; input float32 (batch, height, width, 3), "
-          f"{size}, {pixels}; output (batch, {resolved['classes']}) probabilities")
+          f"{size}, {pixels}; output (batch, {resolved['classes']}) probabilities{serve}")
     return 0
 
 
@@ -866,10 +887,11 @@ def build_parser():
     explain = commands.add_parser("explain", help="pictures of the class-activation and global-attention maps")
     _add_explain_arguments(explain)
 
-    export = commands.add_parser("export", help="an ONNX or TFLite file for deployment")
+    export = commands.add_parser("export", help="an ONNX or TFLite file or a SavedModel for deployment")
     export.add_argument("output", metavar="OUTPUT",
-                        help="file to write: *.onnx (ONNX, optimised for ONNX Runtime and OpenVINO) or "
-                             "*.tflite (TFLite)")
+                        help="what to write: *.onnx (ONNX, optimised for ONNX Runtime and OpenVINO), "
+                             "*.tflite (TFLite), or a name without a suffix: a TensorFlow SavedModel folder "
+                             "(TensorFlow Serving)")
     export.add_argument("--int8", action="store_true",
                         help="ONNX only: int8 weights for the dense layers (ONNX Runtime's dynamic quantisation; "
                              "faster on CPU, logits move a little: check on your data)")

@@ -18,6 +18,7 @@ import hashlib
 import http.client
 import os
 import secrets
+import shutil
 import socket
 import sys
 import urllib.error
@@ -123,8 +124,8 @@ def recorded_sha256(path):
 
 
 @contextlib.contextmanager
-def replaced_atomically(destination, suffix=".part"):
-    """A temporary file next to `destination` that becomes it when the block succeeds.
+def replaced_atomically(destination, suffix=".part", folder=False):
+    """A temporary file (or folder) next to `destination` that becomes it when the block succeeds.
 
     The file is created with mode 0666 less the umask, like any new file (not
     0600 as `tempfile.mkstemp` would), so a shared `TFGCVIT_HOME` stays
@@ -135,22 +136,41 @@ def replaced_atomically(destination, suffix=".part"):
     Args:
         destination: the final path.
         suffix: ending of the temporary name (".weights.h5" where Keras wants one).
+        folder: make the temporary an empty folder (a SavedModel). A folder
+            already at `destination` is replaced whole: it is moved aside, the
+            new one moved in, then the old one deleted (callers decide whether
+            it may be).
 
     Yields:
-        The temporary path, an empty file, to write.
+        The temporary path, an empty file or folder, to write.
     """
     directory, name = os.path.split(os.path.abspath(destination))
     while True:
         temporary = os.path.join(directory, f".{name}.{secrets.token_hex(4)}{suffix}")
         try:
-            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            if folder:
+                os.mkdir(temporary, 0o777)
+            else:
+                os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             break
         except FileExistsError:
             continue
     _PENDING.add(temporary)
     try:
         yield temporary
-        os.replace(temporary, destination)
+        if folder and os.path.isdir(destination):
+            # os.replace cannot replace a folder that holds files. The old folder is
+            # never in _PENDING: an interrupt between the two moves leaves it aside, whole.
+            old = temporary + ".old"
+            os.replace(destination, old)
+            try:
+                os.replace(temporary, destination)
+            except BaseException:
+                os.replace(old, destination)
+                raise
+            _remove_quietly(old)
+        else:
+            os.replace(temporary, destination)
     except BaseException:
         _remove_quietly(temporary)
         raise
@@ -159,7 +179,7 @@ def replaced_atomically(destination, suffix=".part"):
 
 
 def remove_pending_files():
-    """Removes the temporary files of unfinished `replaced_atomically` blocks (on an interrupt)."""
+    """Removes the temporary files and folders of unfinished `replaced_atomically` blocks (on an interrupt)."""
     for temporary in list(_PENDING):
         _remove_quietly(temporary)
 
@@ -175,7 +195,10 @@ def _write_sidecar(path, digest):
 
 def _remove_quietly(path):
     try:
-        os.remove(path)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
     except OSError:
         pass
 
