@@ -194,3 +194,56 @@ def test_sublayer_shortcut_keeps_keras_call_where_it_does_work(reason):
         assert not np.array_equal(keras.ops.convert_to_numpy(ours), float_output)
     else:
         assert keras.backend.standardize_dtype(ours.dtype) == "bfloat16"
+
+
+@pytest.mark.parametrize("shape", [(96, 288), (3, 3, 64, 128), (3, 3, 256, 1)], ids=["dense", "conv", "depthwise"])
+def test_numpy_glorot_uniform_draws_keras_distribution(shape):
+    """The NumPy initializers (fast on JAX) fill the same range with the same spread as Keras' own."""
+    keras.utils.set_random_seed(0)
+    receptive_field = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+    limit = (6.0 / (receptive_field * (shape[-2] + shape[-1]))) ** 0.5
+    ours = np.asarray(layers.NumpyGlorotUniform()(shape, dtype="float32"))
+    reference = keras.ops.convert_to_numpy(keras.initializers.GlorotUniform(seed=1)(shape, dtype="float32"))
+    assert ours.shape == shape and ours.dtype == np.float32
+    assert np.abs(ours).max() <= limit and np.abs(reference).max() <= limit
+    assert np.abs(ours).max() > 0.98 * limit
+    np.testing.assert_allclose(ours.std(), reference.std(), rtol=0.05)
+    np.testing.assert_allclose(ours.std(), limit / 3**0.5, rtol=0.05)
+
+
+def test_numpy_truncated_normal_draws_keras_distribution():
+    keras.utils.set_random_seed(0)
+    shape = (169 * 4, 8)  # a relative-position bias table: ((2 * 7 - 1) ** 2) x heads, 4 tables
+    ours = np.asarray(layers.NumpyTruncatedNormal(stddev=0.02)(shape, dtype="float32"))
+    reference = keras.ops.convert_to_numpy(keras.initializers.TruncatedNormal(stddev=0.02, seed=1)(shape))
+    assert np.abs(ours).max() <= 0.04 and np.abs(ours).max() > 0.035  # truncated at two standard deviations
+    np.testing.assert_allclose(ours.std(), reference.std(), rtol=0.05)
+    assert abs(ours.mean()) < 0.002
+
+
+def test_numpy_initializers_are_seeded_like_keras_and_serialise():
+    keras.utils.set_random_seed(7)
+    first = [layers.NumpyGlorotUniform(), layers.NumpyTruncatedNormal(stddev=0.02)]
+    keras.utils.set_random_seed(7)
+    again = [layers.NumpyGlorotUniform(), layers.NumpyTruncatedNormal(stddev=0.02)]
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a((8, 4), dtype="float32"), b((8, 4), dtype="float32"))
+    assert not np.array_equal(first[0]((8, 4)), layers.NumpyGlorotUniform()((8, 4)))  # a new seed each
+    assert np.asarray(first[0]((8, 4), dtype="bfloat16")).dtype.name == "bfloat16"
+    restored = keras.initializers.deserialize(keras.initializers.serialize(first[1]))
+    assert type(restored) is layers.NumpyTruncatedNormal and restored.stddev == 0.02
+
+
+def test_model_weights_are_reproducible_under_set_random_seed():
+    from tfgcvit import GCViT
+
+    config = dict(window_size=(7, 7, 14, 7), embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2),
+                  mlp_ratio=2, classes=3, input_shape=(64, 64, 3))
+    weights = []
+    for _ in range(2):
+        keras.utils.set_random_seed(3)
+        weights.append([keras.ops.convert_to_numpy(v) for v in GCViT(**config).weights])
+    assert len(weights[0]) == len(weights[1]) > 50
+    for a, b in zip(*weights):
+        np.testing.assert_array_equal(a, b)
+    assert len({a.tobytes() for a in weights[0] if a.size > 64}) == len([a for a in weights[0] if a.size > 64])

@@ -25,7 +25,7 @@ from tfgcvit.config import (  # noqa: F401  (re-exported: the public home of the
     find_variant,
     variant_name,
 )
-from tfgcvit.model.layers import LAYER_NORM_EPSILON, GCViTLevel, PatchEmbed, ReduceSize
+from tfgcvit.model.layers import LAYER_NORM_EPSILON, GCViTLevel, NumpyGlorotUniform, PatchEmbed, ReduceSize
 from tfgcvit.weights.pretrained import PRETRAIN_NAMES, load_weights
 
 def _is_pretrained(weights):
@@ -223,7 +223,8 @@ def GCViT(
     # Head. It runs in float32 under mixed precision for a stable softmax.
     if include_top:
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
-        x = layers.Dense(classes, name="head", dtype="float32")(x)
+        x = layers.Dense(classes, kernel_initializer=NumpyGlorotUniform(), name="head",
+                         dtype="float32")(x)
         x = layers.Activation(classifier_activation, name="predictions", dtype="float32")(x)
     elif pooling == "avg":
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)

@@ -19,6 +19,54 @@ from tfgcvit.config import LAYER_NORM_EPSILON
 PACKAGE = "tfgcvit"
 
 
+# Initializers ------------------------------------------------------------------
+# JAX compiles its random number generator anew for every variable shape: building
+# GCViT-Tiny spent 11 of its 13 s there on a 2-core CPU (61 shapes), against 2 s in all
+# when the same distributions are drawn with NumPy. Same distributions and seeding as
+# Keras' own (a seed drawn from Python's `random` when the initializer is made, so
+# `keras.utils.set_random_seed` makes a model reproducible); pretrained weights
+# replace the values anyway.
+
+
+def _fans(shape):
+    """(fan_in, fan_out) of a dense (in, out) or convolution (..., in, out) kernel, as Keras counts them."""
+    receptive_field = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+    return shape[-2] * receptive_field, shape[-1] * receptive_field
+
+
+def _as_variable_dtype(values, dtype):
+    # ml_dtypes (a Keras dependency) registers bfloat16 with NumPy.
+    return values.astype(keras.backend.standardize_dtype(dtype or keras.config.floatx()))
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class NumpyGlorotUniform(keras.initializers.GlorotUniform):
+    """Keras' `GlorotUniform` (the Dense and Conv default), drawn with NumPy (see above)."""
+
+    def __call__(self, shape, dtype=None):
+        if not isinstance(self.seed, int):  # a SeedGenerator: Keras' own path
+            return super().__call__(shape, dtype=dtype)
+        fan_in, fan_out = _fans(shape)
+        limit = (6.0 / max(1.0, fan_in + fan_out)) ** 0.5
+        return _as_variable_dtype(np.random.default_rng(self.seed).uniform(-limit, limit, shape), dtype)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class NumpyTruncatedNormal(keras.initializers.TruncatedNormal):
+    """Keras' `TruncatedNormal` (redrawn beyond two standard deviations), drawn with NumPy."""
+
+    def __call__(self, shape, dtype=None):
+        if not isinstance(self.seed, int):
+            return super().__call__(shape, dtype=dtype)
+        rng = np.random.default_rng(self.seed)
+        values = rng.standard_normal(shape)
+        outside = np.abs(values) > 2.0
+        while outside.any():
+            values[outside] = rng.standard_normal(int(outside.sum()))
+            outside = np.abs(values) > 2.0
+        return _as_variable_dtype(values * self.stddev + self.mean, dtype)
+
+
 SQRT_HALF = 0.7071067811865476
 
 
@@ -224,8 +272,10 @@ class SqueezeExcite(layers.Layer):
 
     def build(self, input_shape):
         channels = input_shape[-1]
-        self.fc_0 = layers.Dense(int(channels * self.expansion), use_bias=False, dtype=self.dtype_policy, name="fc_0")
-        self.fc_2 = layers.Dense(channels, use_bias=False, dtype=self.dtype_policy, name="fc_2")
+        self.fc_0 = layers.Dense(int(channels * self.expansion), use_bias=False, kernel_initializer=NumpyGlorotUniform(),
+                                 dtype=self.dtype_policy, name="fc_0")
+        self.fc_2 = layers.Dense(channels, use_bias=False, kernel_initializer=NumpyGlorotUniform(),
+                                 dtype=self.dtype_policy, name="fc_2")
         self.fc_0.build((None, channels))
         self.fc_2.build((None, int(channels * self.expansion)))
         self.built = True
@@ -318,10 +368,12 @@ class MBConv(layers.Layer):
     def build(self, input_shape):
         channels = input_shape[-1]
         self.conv_0 = layers.DepthwiseConv2D(
-            3, padding="same", use_bias=False, dtype=self.dtype_policy, name="conv_0"
+            3, padding="same", use_bias=False, depthwise_initializer=NumpyGlorotUniform(),
+            dtype=self.dtype_policy, name="conv_0"
         )
         self.se = SqueezeExcite(dtype=self.dtype_policy, name="se")
-        self.conv_3 = layers.Conv2D(channels, 1, use_bias=False, dtype=self.dtype_policy, name="conv_3")
+        self.conv_3 = layers.Conv2D(channels, 1, use_bias=False, kernel_initializer=NumpyGlorotUniform(),
+                                    dtype=self.dtype_policy, name="conv_3")
         shape = (None, None, None, channels)
         self.conv_0.build(shape)
         self.se.build(shape)
@@ -354,7 +406,8 @@ class ReduceSize(layers.Layer):
         self.norm1 = _layer_norm("norm1", self.dtype_policy)
         self.conv = MBConv(dtype=self.dtype_policy, name="conv")
         self.reduction = layers.Conv2D(
-            out_channels, 3, strides=2, use_bias=False, dtype=self.dtype_policy, name="reduction"
+            out_channels, 3, strides=2, use_bias=False, kernel_initializer=NumpyGlorotUniform(),
+            dtype=self.dtype_policy, name="reduction"
         )
         self.norm2 = _layer_norm("norm2", self.dtype_policy)
         shape = (None, None, None, channels)
@@ -390,7 +443,8 @@ class PatchEmbed(layers.Layer):
         self.embed_dim = embed_dim
 
     def build(self, input_shape):
-        self.proj = layers.Conv2D(self.embed_dim, 3, strides=2, dtype=self.dtype_policy, name="proj")
+        self.proj = layers.Conv2D(self.embed_dim, 3, strides=2, kernel_initializer=NumpyGlorotUniform(),
+                                  dtype=self.dtype_policy, name="proj")
         self.conv_down = ReduceSize(keep_dim=True, dtype=self.dtype_policy, name="conv_down")
         self.proj.build(input_shape)
         self.conv_down.build((None, None, None, self.embed_dim))
@@ -537,9 +591,11 @@ class WindowAttention(layers.Layer):
         self.scale = self.qk_scale or self.head_dim**-0.5
         projections = 2 if self.use_global_query else 3
         self.qkv = layers.Dense(
-            projections * channels, use_bias=self.qkv_bias, dtype=self.dtype_policy, name="qkv"
+            projections * channels, use_bias=self.qkv_bias, kernel_initializer=NumpyGlorotUniform(),
+            dtype=self.dtype_policy, name="qkv"
         )
-        self.proj = layers.Dense(channels, dtype=self.dtype_policy, name="proj")
+        self.proj = layers.Dense(channels, kernel_initializer=NumpyGlorotUniform(), dtype=self.dtype_policy,
+                                 name="proj")
         self.attn_dropout = layers.Dropout(self.attn_drop, dtype=self.dtype_policy, name="attn_drop")
         self.proj_dropout = layers.Dropout(self.proj_drop, dtype=self.dtype_policy, name="proj_drop")
         self.qkv.build((None, channels))
@@ -550,7 +606,7 @@ class WindowAttention(layers.Layer):
         self.relative_position_bias_table = self.add_weight(
             name="relative_position_bias_table",
             shape=((2 * self.window_size - 1) ** 2, self.num_heads),
-            initializer=keras.initializers.TruncatedNormal(stddev=0.02),
+            initializer=NumpyTruncatedNormal(stddev=0.02),
         )
         self.relative_position_index = relative_position_index(self.window_size).reshape(-1)
         self.built = True
@@ -644,8 +700,10 @@ class MLP(layers.Layer):
 
     def build(self, input_shape):
         channels = input_shape[-1]
-        self.fc1 = layers.Dense(self.hidden_dim, dtype=self.dtype_policy, name="fc1")
-        self.fc2 = layers.Dense(channels, dtype=self.dtype_policy, name="fc2")
+        self.fc1 = layers.Dense(self.hidden_dim, kernel_initializer=NumpyGlorotUniform(), dtype=self.dtype_policy,
+                                name="fc1")
+        self.fc2 = layers.Dense(channels, kernel_initializer=NumpyGlorotUniform(), dtype=self.dtype_policy,
+                                name="fc2")
         self.dropout = layers.Dropout(self.drop, dtype=self.dtype_policy, name="drop")
         self.fc1.build((None, channels))
         self.fc2.build((None, self.hidden_dim))
