@@ -367,7 +367,8 @@ def test_export_writes_a_saved_model_folder_that_serves_any_size(data, golden, c
     notes.mkdir()
     (notes / "keep.txt").write_text("mine")
     assert main(["export", str(notes), "--overwrite", *CUSTOM]) == 1
-    assert capsys.readouterr().err == f"tfgcvit: error: {notes} exists and is not a SavedModel folder; choose another name\n"
+    assert capsys.readouterr().err == (f"tfgcvit: error: {notes} exists and is not a SavedModel folder; "
+                                       "choose another name\n")
     assert [path.name for path in notes.iterdir()] == ["keep.txt"]
 
     output = tmp_path / "gcvit"

@@ -272,8 +272,8 @@ class SqueezeExcite(layers.Layer):
 
     def build(self, input_shape):
         channels = input_shape[-1]
-        self.fc_0 = layers.Dense(int(channels * self.expansion), use_bias=False, kernel_initializer=NumpyGlorotUniform(),
-                                 dtype=self.dtype_policy, name="fc_0")
+        self.fc_0 = layers.Dense(int(channels * self.expansion), use_bias=False,
+                                 kernel_initializer=NumpyGlorotUniform(), dtype=self.dtype_policy, name="fc_0")
         self.fc_2 = layers.Dense(channels, use_bias=False, kernel_initializer=NumpyGlorotUniform(),
                                  dtype=self.dtype_policy, name="fc_2")
         self.fc_0.build((None, channels))
