@@ -595,11 +595,13 @@ def test_optimize_onnx_runs_attention_batch_first(tmp_path, read_outside):
         np.testing.assert_allclose(new, old, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("unstacked", [False, True])
 @pytest.mark.parametrize("read_outside", [False, True])
-def test_optimize_onnx_splits_projections_into_parts(tmp_path, read_outside):
+def test_optimize_onnx_splits_projections_into_parts(tmp_path, read_outside, unstacked):
     """A projection sliced into queries, keys and values on a middle axis (tf2onnx's
-    form after the transposes move) becomes one product per part; left alone when
-    the sliced tensor is read elsewhere too."""
+    form after the transposes move; for `ops.unstack` tf2onnx writes one Split and
+    a Squeeze per part) becomes one product per part; left alone when the sliced
+    tensor is read elsewhere too."""
     onnx = pytest.importorskip("onnx")
     onnxruntime = pytest.importorskip("onnxruntime")
     from onnx import TensorProto, helper, numpy_helper
@@ -617,11 +619,14 @@ def test_optimize_onnx_splits_projections_into_parts(tmp_path, read_outside):
     nodes = [helper.make_node("MatMul", ["x", "w"], ["projected"]),
              helper.make_node("Add", ["b", "projected"], ["biased"]),  # the bias first, as written by some
              helper.make_node("Reshape", ["biased", "target"], ["parts"])]
+    if unstacked:
+        nodes.append(helper.make_node("Split", ["parts"], ["q5", "k5", "v5"], axis=2))
     for index, part in enumerate("qkv"):
         constants[f"start{index}"] = np.array([index], np.int64)
         constants[f"end{index}"] = np.array([index + 1], np.int64)
-        nodes += [helper.make_node("Slice", ["parts", f"start{index}", f"end{index}", "axis"], [f"{part}5"]),
-                  helper.make_node("Squeeze", [f"{part}5", "axis"], [part])]
+        if not unstacked:
+            nodes.append(helper.make_node("Slice", ["parts", f"start{index}", f"end{index}", "axis"], [f"{part}5"]))
+        nodes.append(helper.make_node("Squeeze", [f"{part}5", "axis"], [part]))
     names = ["q", "k", "v"] + (["parts"] if read_outside else [])
     graph = helper.make_graph(
         nodes, "projection", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", channels])],
@@ -632,7 +637,7 @@ def test_optimize_onnx_splits_projections_into_parts(tmp_path, read_outside):
 
     assert optimize_onnx(path, rewritten)["projections"] == int(not read_outside)
     ops = _op_counts(rewritten)
-    assert (ops["MatMul"], ops["Slice"]) == ((1, 3) if read_outside else (3, 0))
+    assert (ops["MatMul"], ops["Slice"], ops["Split"]) == ((1, 3, 0) if read_outside else (3, 0, 0))
     x = rng.standard_normal((2 * tokens, channels)).astype(np.float32)
     before, after = (onnxruntime.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"x": x})
                      for p in (path, rewritten))

@@ -287,6 +287,7 @@ def optimize_onnx(path, output_path=None):
         model = version_converter.convert_version(model, LAYER_NORM_OPSET)
     transposes = sum(node.op_type == "Transpose" for node in model.graph.node)
     rewrite = _Rewrite(model)
+    rewrite.unstack_as_slices()  # first: the others match the slices
     gelus = rewrite.divide_gelu_arguments()  # first: it edits nodes in place, the others rebuild the list
     counts = {"layer_norms": rewrite.fuse_layer_norms(), "gelus": gelus,
               "attention": rewrite.batch_first_attention()}
@@ -342,6 +343,51 @@ class _Rewrite:
             for name in dict.fromkeys(node.input):
                 readers.setdefault(name, []).append(node)
         return producer, readers
+
+    def unstack_as_slices(self):
+        """Split(x, axis a) into equal parts, each read only by a Squeeze of axis a,
+        becomes one Slice (i to i + 1 on axis a) per part; returns how many Splits.
+
+        The attention unstacks its queries, keys and values (`ops.unstack`, which
+        TFLite copies in one pass where it runs a slice element by element);
+        tf2onnx writes that as Split and Squeeze nodes. As slices they take the
+        form the other rewrites move transposes through and split projections from.
+        """
+        from onnx import helper, numpy_helper
+
+        producer, readers = self._index()
+        before, removed, count = {}, set(), 0
+        for split in [node for node in self.graph.node if node.op_type == "Split"]:
+            axis = next((a.i for a in split.attribute if a.name == "axis"), 0)
+            sizes = [a.ints for a in split.attribute if a.name == "split"]
+            if len(split.input) > 1 and split.input[1]:
+                sizes.append(self._constant(split.input[1]))
+            parts = len(split.output)
+            if any(size is None or list(np.asarray(size).reshape(-1)) != [1] * parts for size in sizes):
+                continue
+            squeezes = [readers.get(name, []) for name in split.output]
+            if not all(len(users) == 1 and users[0].op_type == "Squeeze" for users in squeezes):
+                continue
+            rank = len(self.shapes.get(split.input[0]) or [])
+            if not rank or any(self._moved_axes(users[0], range(rank)) != [axis % rank] for users in squeezes):
+                continue
+            name = split.output[0].rsplit(":", 1)[0]
+            axes = numpy_helper.from_array(np.array([axis], np.int64), f"{name}/slice_axes")
+            self.graph.initializer.append(axes)
+            new = before.setdefault(id(split), [])
+            for part, output in enumerate(split.output):
+                bounds = [numpy_helper.from_array(np.array([value], np.int64), f"{name}/slice_{part}_{end}")
+                          for end, value in (("start", part), ("end", part + 1))]
+                self.graph.initializer.extend(bounds)
+                new.append(helper.make_node("Slice", [split.input[0], bounds[0].name, bounds[1].name, axes.name],
+                                            [output], name=f"{name}/slice_{part}"))
+            removed.add(id(split))
+            count += 1
+        self._rebuild(before, removed)
+        self.initializers = {init.name: init for init in self.graph.initializer}
+        self.producer, self.consumers = self._index()
+        self.position = {id(node): i for i, node in enumerate(self.graph.node)}
+        return count
 
     def divide_gelu_arguments(self):
         """Mul(x, 1/sqrt(2)) -> Erf becomes Div(x, sqrt(2)) -> Erf; returns how many.
