@@ -847,7 +847,9 @@ class GCViTBlock(layers.Layer):
         windows = _call(self.attn, windows, global_query=global_query, training=training)
         x = window_reverse(windows, w, height + pad_h, width + pad_w)
         if needs_pad:
-            x = x[:, :height, :width, :]
+            # A slice, not `x[:, :height, :width]`: TFLite copies it row by row,
+            # a strided slice element by element.
+            x = ops.slice(x, (0, 0, 0, 0), (batch, height, width, ops.shape(x)[3]))
         return x
 
     def call(self, inputs, global_query=None, training=None):
