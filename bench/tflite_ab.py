@@ -13,6 +13,9 @@ Steps (from the repository root):
     .venv/bin/python bench/tflite_ab.py write-ours --out bench/out/tflite
     # 3. all files in one process, interleaved, median per file
     .venv/bin/python bench/tflite_ab.py time --batch 1 --rounds 20 bench/out/tflite/*.tflite
+    # int8 accuracy: the fixture model with its official weights, float32 and
+    # int8 files against Keras on the 2 golden and 6 standard-normal images
+    .venv/bin/python bench/tflite_ab.py accuracy --out bench/out/tflite
 
 Each model carries its own random weights (GCViT-Tiny, seed 0): the timings
 compare the graphs, not the outputs. int8 means TFLite's dynamic-range
@@ -64,6 +67,38 @@ def write_ours(out):
             print(path, os.path.getsize(path))
 
 
+def accuracy(out):
+    """The fixture model with its official weights: TFLite float32 and int8 against Keras."""
+    sys.path.insert(0, REPO)
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    from conftest import FIXTURE_CONFIG, FIXTURES  # before TensorFlow, as in the tests
+
+    import tensorflow as tf
+
+    from tfgcvit import GCViT
+    from tfgcvit.export import export_model
+
+    golden = np.load(FIXTURES / "custom_224_golden.npz")
+    model = GCViT(**FIXTURE_CONFIG, weights=str(FIXTURES / "custom_224.pth.tar"))
+    images = np.concatenate([
+        golden["inputs"],
+        np.random.default_rng(0).standard_normal((6, 224, 224, 3), dtype=np.float32),
+    ])
+    reference = np.asarray(model.predict_on_batch(images))
+    print(f"fixture model, {len(images)} images (the first {len(golden['inputs'])} golden); "
+          f"Keras logits up to {np.abs(reference).max():.2f} in size, "
+          f"golden logits reproduced to {np.abs(reference[:2] - golden['logits']).max():.1e}")
+    for int8 in (False, True):
+        path = os.path.join(out, f"fixture{'-int8' if int8 else ''}.tflite")
+        options = {"optimizations": [tf.lite.Optimize.DEFAULT]} if int8 else {}
+        export_model(model, path, format="litert", **options)
+        logits = load(path, images, threads=2)()
+        agree = int(np.sum(logits.argmax(-1) == reference.argmax(-1)))
+        print(f"  {'int8 (dynamic range)' if int8 else 'float32':22s} top-1 agrees on {agree}/{len(images)}, "
+              f"max |logit - Keras| {np.abs(logits - reference).max():.1e}, "
+              f"{os.path.getsize(path) / 1e6:.2f} MB")
+
+
 def interpreter_class():
     try:
         from ai_edge_litert.interpreter import Interpreter
@@ -108,7 +143,7 @@ def time_files(files, batch, rounds, threads):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("step", choices=("write-seed", "write-ours", "time"))
+    parser.add_argument("step", choices=("write-seed", "write-ours", "time", "accuracy"))
     parser.add_argument("files", nargs="*")
     parser.add_argument("--out", default=os.path.join(REPO, "bench", "out", "tflite"))
     parser.add_argument("--batch", type=int, default=1)
@@ -120,7 +155,7 @@ def main():
         return
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
-    (write_seed if args.step == "write-seed" else write_ours)(args.out)
+    {"write-seed": write_seed, "write-ours": write_ours, "accuracy": accuracy}[args.step](args.out)
     print(f"{time.perf_counter() - start:.0f} s")
 
 

@@ -662,6 +662,15 @@ def _folder_bytes(path):
     return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
 
 
+def _tflite_int8_options(args, export_format):
+    """TFLite's dynamic-range quantisation: int8 weights for the dense and convolution layers."""
+    if not (args.int8 and export_format == "litert"):
+        return {}
+    import tensorflow as tf
+
+    return {"optimizations": [tf.lite.Optimize.DEFAULT]}
+
+
 def _export(args):
     import keras
 
@@ -675,9 +684,9 @@ def _export(args):
                            "without a suffix for a TensorFlow SavedModel folder; the name chooses the format")
     export_format = EXPORT_FORMATS[suffix]
     saved_model = export_format == "tf_saved_model"
-    if args.int8 and export_format != "onnx":
-        raise CommandError("--int8 quantises ONNX files (ONNX Runtime's dynamic quantisation); for TFLite, "
-                           "pass optimizations to tfgcvit.export.export_model from Python")
+    if args.int8 and saved_model:
+        raise CommandError("--int8 quantises ONNX and TFLite files; a SavedModel keeps float32 weights "
+                           "(name the output *.onnx or *.tflite)")
     if os.path.exists(output):
         if saved_model and not _is_saved_model(output):
             # --overwrite replaces a SavedModel folder whole, never another folder or a file.
@@ -704,8 +713,8 @@ def _export(args):
             with warnings.catch_warnings():
                 # Keras' tf2onnx shim checks for NumPy's removed `np.object` (a FutureWarning).
                 warnings.simplefilter("ignore", FutureWarning)
-                export_model(model, temporary, format=export_format)
-            if args.int8:
+                export_model(model, temporary, format=export_format, **_tflite_int8_options(args, export_format))
+            if args.int8 and export_format == "onnx":
                 with replaced_atomically(temporary, suffix=".int8" + suffix) as quantized:
                     quantize_onnx(temporary, quantized)
         except ValueError as error:
@@ -893,8 +902,9 @@ def build_parser():
                              "*.tflite (TFLite), or a name without a suffix: a TensorFlow SavedModel folder "
                              "(TensorFlow Serving)")
     export.add_argument("--int8", action="store_true",
-                        help="ONNX only: int8 weights for the dense layers (ONNX Runtime's dynamic quantisation; "
-                             "faster on CPU, logits move a little: check on your data)")
+                        help="ONNX and TFLite: int8 weights (ONNX: the dense layers, ONNX Runtime's dynamic "
+                             "quantisation; TFLite: dynamic-range quantisation); faster on CPU and smaller, logits "
+                             "move a little: check on your data")
     export.add_argument("--include-preprocessing", action="store_true",
                         help="the file takes RGB pixels in [0, 255] and normalises them itself (default: it "
                              "takes images normalised as tfgcvit.preprocess_input does)")
