@@ -247,9 +247,10 @@ def optimize_onnx(path, output_path=None):
     dropped.
 
     Projections: each attention's query/key/value projection, one matrix product
-    whose output tf2onnx slices into parts on a middle axis, becomes one product
-    per part (OpenVINO runs that slice with its reference kernel; ONNX Runtime
-    copies it).
+    whose output is cut into parts on a middle axis (tf2onnx writes the model's
+    unstack as Split and Squeeze nodes, read here as one Slice per part), becomes
+    one product per part (OpenVINO runs that slice with its reference kernel; ONNX
+    Runtime copies it).
 
     Shapes: every value is computed once. tf2onnx writes each block's shape
     arithmetic (window sizes, paddings, reshape targets) from that block's own
@@ -288,7 +289,7 @@ def optimize_onnx(path, output_path=None):
     transposes = sum(node.op_type == "Transpose" for node in model.graph.node)
     rewrite = _Rewrite(model)
     rewrite.unstack_as_slices()  # first: the others match the slices
-    gelus = rewrite.divide_gelu_arguments()  # first: it edits nodes in place, the others rebuild the list
+    gelus = rewrite.divide_gelu_arguments()  # next: it edits nodes in place, the others rebuild the list
     counts = {"layer_norms": rewrite.fuse_layer_norms(), "gelus": gelus,
               "attention": rewrite.batch_first_attention()}
     rewrite.cancel_transposes()  # after those: it also cancels the transposes they add
