@@ -132,10 +132,9 @@ def time_files(files, batch, rounds, threads):
     for run in runs.values():  # first call: allocation and delegate set-up
         run()
     times = interleaved_times(runs, rounds)
-    import ai_edge_litert
-
-    version = getattr(ai_edge_litert, "__version__", "?")
-    print(f"LiteRT {version}, batch {batch}, {threads} threads, {rounds} interleaved rounds")
+    litert = sys.modules.get("ai_edge_litert")
+    runtime = f"LiteRT {getattr(litert, '__version__', '?')}" if litert else "TensorFlow's TFLite interpreter"
+    print(f"{runtime}, batch {batch}, {threads} threads, {rounds} interleaved rounds")
     for path in files:
         print(f"  {os.path.basename(path):28s} median {1000 * np.median(times[path]):7.1f} ms   "
               f"({os.path.getsize(path) / 1e6:.1f} MB)")
