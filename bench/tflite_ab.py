@@ -99,17 +99,11 @@ def accuracy(out):
               f"{os.path.getsize(path) / 1e6:.2f} MB")
 
 
-def interpreter_class():
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
-        from tensorflow.lite import Interpreter
-    return Interpreter
-
-
 def load(path, x, threads):
     """A function that runs the TFLite file at PATH on X (NHWC)."""
-    interpreter = interpreter_class()(model_path=path, num_threads=threads)
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=path, num_threads=threads)
     feed = interpreter.get_input_details()[0]
     interpreter.resize_tensor_input(feed["index"], list(x.shape))
     interpreter.allocate_tensors()
@@ -132,9 +126,9 @@ def time_files(files, batch, rounds, threads):
     for run in runs.values():  # first call: allocation and delegate set-up
         run()
     times = interleaved_times(runs, rounds)
-    litert = sys.modules.get("ai_edge_litert")
-    runtime = f"LiteRT {getattr(litert, '__version__', '?')}" if litert else "TensorFlow's TFLite interpreter"
-    print(f"{runtime}, batch {batch}, {threads} threads, {rounds} interleaved rounds")
+    import ai_edge_litert
+
+    print(f"LiteRT {ai_edge_litert.__version__}, batch {batch}, {threads} threads, {rounds} interleaved rounds")
     for path in files:
         print(f"  {os.path.basename(path):28s} median {1000 * np.median(times[path]):7.1f} ms   "
               f"({os.path.getsize(path) / 1e6:.1f} MB)")

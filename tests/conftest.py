@@ -69,6 +69,17 @@ def tflite_interpreter(path):
     return Interpreter(model_path=str(path))
 
 
+def run_tflite(path, images):
+    """The outputs of the TFLite file at `path` on a float32 batch of `images`, any shape it allows."""
+    interpreter = tflite_interpreter(path)
+    (feed,) = interpreter.get_input_details()
+    interpreter.resize_tensor_input(feed["index"], images.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(feed["index"], images.astype(np.float32))
+    interpreter.invoke()
+    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+
+
 @pytest.fixture(scope="session")
 def golden():
     return dict(np.load(FIXTURES / "custom_224_golden.npz"))

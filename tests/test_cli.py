@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FIXTURES, OFFICIAL_PARAMS, REPO, tflite_interpreter
+from conftest import FIXTURES, OFFICIAL_PARAMS, REPO, run_tflite, tflite_interpreter
 from tfgcvit.cli import main
 from tfgcvit.config import parameter_count
 
@@ -327,16 +327,6 @@ def test_bad_input_is_one_line_and_exit_code_1(data, capsys, arguments, pattern)
     assert re.fullmatch(f"tfgcvit: error: {pattern}\n", captured.err), captured.err
 
 
-def _run_tflite(path, images):
-    interpreter = tflite_interpreter(path)
-    (feed,) = interpreter.get_input_details()
-    interpreter.resize_tensor_input(feed["index"], images.shape)
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(feed["index"], images.astype(np.float32))
-    interpreter.invoke()
-    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
-
-
 @only_tensorflow
 def test_export_writes_a_tflite_file_that_classifies_like_the_model(data, golden, capsys, tmp_path):
     output = tmp_path / "gcvit.tflite"
@@ -357,7 +347,7 @@ def test_export_writes_a_tflite_file_that_classifies_like_the_model(data, golden
 
     pixels = (golden["inputs"] * np.float32(IMAGENET_STD) + np.float32(IMAGENET_MEAN)) * np.float32(255)
     assert list(tflite_interpreter(output).get_input_details()[0]["shape_signature"]) == [-1, 224, 224, 3]
-    probabilities = _run_tflite(output, pixels)
+    probabilities = run_tflite(output, pixels)
     np.testing.assert_allclose(probabilities, softmax(golden["logits"]), rtol=0, atol=1e-5)
 
     # --int8: TFLite's dynamic-range quantisation. Measured on the fixture: top-1 kept on 8 of 8
@@ -368,7 +358,7 @@ def test_export_writes_a_tflite_file_that_classifies_like_the_model(data, golden
     record = json.loads(capsys.readouterr().out)
     assert record["format"] == "litert" and record["int8"]
     assert quantized.stat().st_size < 0.75 * output.stat().st_size
-    int8_probabilities = _run_tflite(quantized, pixels)
+    int8_probabilities = run_tflite(quantized, pixels)
     np.testing.assert_array_equal(int8_probabilities.argmax(-1), golden["logits"].argmax(-1))
     assert 1e-5 < np.abs(int8_probabilities - probabilities).max() < 0.05
 

@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import FIXTURE_CONFIG, tflite_interpreter, tolerance
+from conftest import FIXTURE_CONFIG, run_tflite, tflite_interpreter, tolerance
 
 BACKEND = keras.backend.backend()
 only_tensorflow = pytest.mark.skipif(BACKEND != "tensorflow", reason="exports from TensorFlow")
@@ -341,12 +341,7 @@ def test_tflite_runs_with_dynamic_batch_and_size(dynamic_model, cases, tmp_path)
     op_names = {op["op_name"] for op in interpreter._get_ops_details()}
     assert "GELU" in op_names and not any(name.startswith("Flex") for name in op_names)
     for images, expected in cases:
-        interpreter.resize_tensor_input(feed["index"], images.shape)
-        interpreter.allocate_tensors()
-        interpreter.set_tensor(feed["index"], images)
-        interpreter.invoke()
-        output = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
-        np.testing.assert_allclose(output, expected, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(run_tflite(path, images), expected, rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------

@@ -325,16 +325,20 @@ class _Rewrite:
         import onnx
 
         self.graph = model.graph
-        # Of the graph as loaded; the passes that rebuild the node list index it again.
-        self.producer, self.consumers = self._index()
-        self.initializers = {init.name: init for init in self.graph.initializer}
-        self.position = {id(node): i for i, node in enumerate(self.graph.node)}
+        self._index_graph()
         inferred = onnx.shape_inference.infer_shapes(model).graph
         self.shapes = {
             value.name: [dim.dim_value if dim.HasField("dim_value") else None
                          for dim in value.type.tensor_type.shape.dim]
             for value in list(inferred.value_info) + list(inferred.input) + list(inferred.output)
         }
+
+    def _index_graph(self):
+        # Of the graph as loaded (or as `unstack_as_slices` leaves it); the passes that
+        # rebuild the node list index it again.
+        self.producer, self.consumers = self._index()
+        self.initializers = {init.name: init for init in self.graph.initializer}
+        self.position = {id(node): i for i, node in enumerate(self.graph.node)}
 
     def _index(self):
         """{tensor: the node that makes it}, {tensor: the nodes that read it} of the graph now."""
@@ -356,7 +360,7 @@ class _Rewrite:
         """
         from onnx import helper, numpy_helper
 
-        producer, readers = self._index()
+        readers = self._index()[1]
         before, removed, count = {}, set(), 0
         for split in [node for node in self.graph.node if node.op_type == "Split"]:
             axis = next((a.i for a in split.attribute if a.name == "axis"), 0)
@@ -385,9 +389,7 @@ class _Rewrite:
             removed.add(id(split))
             count += 1
         self._rebuild(before, removed)
-        self.initializers = {init.name: init for init in self.graph.initializer}
-        self.producer, self.consumers = self._index()
-        self.position = {id(node): i for i, node in enumerate(self.graph.node)}
+        self._index_graph()
         return count
 
     def divide_gelu_arguments(self):
