@@ -91,6 +91,41 @@ def test_conv_equals_the_layers_own_call(name):
         assert ours.is_contiguous()  # a plain channels-last tensor, as the next layer expects
 
 
+def _numpy_windows(x, w):
+    """The official `window_partition`: (B, H, W, C) -> (B * H/w * W/w, w, w, C), row-major windows."""
+    b, h, wd, c = x.shape
+    return x.reshape(b, h // w, w, wd // w, w, c).transpose(0, 1, 3, 2, 4, 5).reshape(-1, w, w, c)
+
+
+@pytest.mark.parametrize("height,width", [(14, 14), (21, 7), (7, 21), (14, 21)])
+def test_window_partition_and_reverse_match_the_official_layout(height, width):
+    """One column of windows (no transpose traced) and several, against the official NumPy order."""
+    w = 7
+    x = np.random.default_rng(4).normal(size=(2, height, width, 3)).astype("float32")
+    windows = layers.window_partition(keras.ops.convert_to_tensor(x), w)
+    expected = _numpy_windows(x, w).reshape(2, -1, w * w, 3)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(windows), expected)
+    back = layers.window_reverse(windows, w, height, width)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(back), x)
+
+
+def test_one_column_of_windows_traces_no_transpose():
+    """A map as wide as the window is partitioned and restored without a transpose (TensorFlow's graph)."""
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("counts operations of a TensorFlow graph")
+    import tensorflow as tf
+
+    def round_trip(x):
+        return layers.window_reverse(layers.window_partition(x, 7), 7, x.shape[1], x.shape[2])
+
+    def transposes(shape):
+        graph = tf.function(round_trip).get_concrete_function(tf.TensorSpec(shape, tf.float32)).graph
+        return sum(op.type == "Transpose" for op in graph.get_operations())
+
+    assert transposes((None, 21, 7, 3)) == 0
+    assert transposes((None, 7, 21, 3)) == 2
+
+
 def test_max_pool_equals_keras_max_pool():
     x = keras.ops.convert_to_tensor(np.random.default_rng(3).normal(size=(2, 13, 10, 4)).astype("float32"))
     expected = keras.ops.max_pool(x, pool_size=3, strides=2, padding="valid")
