@@ -1,0 +1,38 @@
+"""Where the seconds before TensorFlow's first GCViT-Tiny prediction go, step by step.
+
+import, build (random weights), the row-halves measurement (`tuning.row_halves_pay_off`,
+the first trace's; skipped with TFGCVIT_MACHINE_TUNING=0), tracing the model, the first
+run of the traced graph (TensorFlow's graph optimisation and kernel set-up) and a second run.
+
+Usage: KERAS_BACKEND=tensorflow .venv/bin/python bench/tf_first_steps.py [BATCH]
+"""
+import json
+import sys
+import time
+
+start = time.perf_counter()
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import tfgcvit  # noqa: E402
+from tfgcvit.model import tuning  # noqa: E402
+
+steps = {"import": time.perf_counter() - start}
+batch = int(sys.argv[1]) if len(sys.argv) > 1 else 1
+
+
+def step(name, function):
+    begin = time.perf_counter()
+    result = function()
+    steps[name] = time.perf_counter() - begin
+    return result
+
+
+model = step("build", lambda: tfgcvit.GCViTTiny(weights=None))
+step("row-halves measurement", lambda: tuning.mode() != "off" and tuning.row_halves_pay_off())
+function = tf.function(lambda x: model(x, training=False))
+concrete = step("trace", lambda: function.get_concrete_function(tf.TensorSpec((None, 224, 224, 3), tf.float32)))
+x = tf.constant(np.zeros((batch, 224, 224, 3), "float32"))
+step("first run", lambda: concrete(x).numpy())
+step("second run", lambda: concrete(x).numpy())
+print(json.dumps({name: round(seconds, 2) for name, seconds in steps.items()}))
