@@ -764,9 +764,9 @@ def _swap_window_axes(x, columns):
 
     With one column of windows (a map as wide as the window: GCViT-Tiny's last two
     stages at 224x224) the swap moves a size-1 axis and leaves the memory order
-    as it is, but TensorFlow and LiteRT would still copy the tensor (48 of the
-    159 transposes TensorFlow runs per GCViT-Tiny call at 224x224), so then it
-    is left out. Where the width is only known when the graph runs, it stays.
+    as it is, but TensorFlow would still copy the tensor (48 of the 159
+    transposes it ran per GCViT-Tiny call at 224x224), so then it is left out.
+    Where the width is only known when the graph runs, it stays.
     """
     if isinstance(columns, int) and columns == 1:
         return x
