@@ -21,7 +21,7 @@ import argparse
 import json
 import os
 
-# The architecture of the repository's test checkpoint (shared/fixtures/custom_224.pth.tar).
+# The architecture of the repository's test checkpoint (tests/data/fixtures/custom_224.pth.tar).
 MINI = dict(window_size=(7, 7, 14, 7), embed_dim=16, depths=(2, 2, 3, 2), num_heads=(1, 2, 4, 8),
             mlp_ratio=3, layer_scale=1e-5)
 

@@ -25,7 +25,7 @@ import tfgcvit
 from tfgcvit.model.gcvit import get_constructor
 
 # A tiny architecture for smoke tests: the one of the repository's test
-# checkpoint (shared/fixtures/custom_224.pth.tar), whose weights it can load.
+# checkpoint (tests/data/fixtures/custom_224.pth.tar), whose weights it can load.
 MINI = dict(window_size=(7, 7, 14, 7), embed_dim=16, depths=(2, 2, 3, 2), num_heads=(1, 2, 4, 8),
             mlp_ratio=3, layer_scale=1e-5)
 

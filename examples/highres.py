@@ -10,7 +10,7 @@ resolution before relying on the predictions.
 
 Examples:
     python examples/highres.py --variant tiny --weights imagenet --size 384
-    python examples/highres.py --variant mini --weights shared/fixtures/custom_224.pth.tar --size 192
+    python examples/highres.py --variant mini --weights tests/data/fixtures/custom_224.pth.tar --size 192
 """
 
 import argparse
@@ -21,7 +21,7 @@ import numpy as np
 import tfgcvit
 from tfgcvit.model.gcvit import VARIANTS, get_constructor
 
-# The architecture of the repository's test checkpoint (shared/fixtures/custom_224.pth.tar).
+# The architecture of the repository's test checkpoint (tests/data/fixtures/custom_224.pth.tar).
 MINI = dict(embed_dim=16, depths=(2, 2, 3, 2), num_heads=(1, 2, 4, 8), mlp_ratio=3,
             layer_scale=1e-5, classes=10)
 

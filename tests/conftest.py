@@ -22,8 +22,6 @@ from weights_helpers import (  # noqa: F401  (the tests import these from here)
     tolerance,
 )
 
-SHARED = REPO.parent / "shared"
-
 
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("TFGCVIT_SLOW") == "1":

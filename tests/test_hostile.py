@@ -34,10 +34,9 @@ from tfgcvit.data.images import (
     scale_size,
 )
 from test_cli import messages
-from weights_helpers import FileServer
+from weights_helpers import FIXTURES, FileServer
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures"
 CONFIG = FIXTURES / "custom_224_config.json"
 CUSTOM = ["--model", "custom", "--config", str(CONFIG), "--weights", str(FIXTURES / "custom_224.pth.tar")]
 PHOTO = REPO / "examples" / "images" / "cat.jpg"

@@ -4,7 +4,7 @@ Each ```python block of README.md is executed as it stands, with three
 substitutions so that it runs offline and quickly:
 
 - every variant constructor (`GCViTTiny`, ...) builds the small fixture
-  architecture instead (shared/fixtures/custom_224_config.json). Where the
+  architecture instead (tests/data/fixtures/custom_224_config.json). Where the
   example would load official weights, the fixture checkpoint's weights are
   loaded; a head of another size than the fixture's 10 classes gets random
   weights. The examples' calls, arguments and data flow are unchanged;

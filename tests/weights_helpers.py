@@ -26,12 +26,14 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures"
-REFERENCE = REPO.parent / "shared" / "reference"
+# The repository carries its own test data (tests/data/README.md says where each file came from).
+DATA = REPO / "tests" / "data"
+FIXTURES = DATA / "fixtures"
+REFERENCE = DATA / "reference"
 CHECKPOINT_FIXTURE = FIXTURES / "custom_224.pth.tar"
 GOLDEN_FIXTURE = FIXTURES / "custom_224_golden.npz"
 
-# Parameter counts of the official models (shared/docs/GCVIT_NOTES.md, section 1:
+# Parameter counts of the official models (GC ViT notes, section 1:
 # 1000-class head, no relative_position_index buffers).
 OFFICIAL_PARAMS = {
     "xxtiny": 11_995_428, "xtiny": 19_981_294, "tiny": 28_221_974, "tiny2": 34_535_654,

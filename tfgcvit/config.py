@@ -70,7 +70,7 @@ ARCHITECTURE_KEYS = ("embed_dim", "depths", "num_heads", "window_size", "mlp_rat
 
 
 # The official code's argument names for the architecture (its JSON configs, e.g.
-# shared/fixtures/custom_224_config.json), with ours.
+# tests/data/fixtures/custom_224_config.json), with ours.
 OFFICIAL_ARGUMENT_NAMES = {"dim": "embed_dim", "depths": "depths", "num_heads": "num_heads",
                            "window_size": "window_size", "mlp_ratio": "mlp_ratio", "layer_scale": "layer_scale"}
 
