@@ -239,7 +239,9 @@ def _call(layer, *args, **kwargs):
     if (
         keras.backend.backend() == "torch"
         and layer.built
-        and layer.dtype_policy.quantization_mode is None
+        # Not `layer.dtype_policy.quantization_mode`: in a model built with a DTypePolicyMap
+        # (how keras-hub rebuilds a quantised backbone) that is the map's default, None.
+        and layer.quantization_mode is None
         and getattr(layer, "_remat_mode", None) is None
         and getattr(layer, "activity_regularizer", None) is None
         and keras.backend.standardize_dtype(args[0].dtype) == layer.compute_dtype
