@@ -30,10 +30,10 @@ import tfgcvit  # noqa: E402
 from tfgcvit import hub  # noqa: E402
 from tfgcvit.cli import main  # noqa: E402
 from tfgcvit.convert import convert_to_preset  # noqa: E402
-from tfgcvit.weights import pretrained  # noqa: E402
 
 CHECKPOINT = FIXTURES / "custom_224.pth.tar"
-TINY = dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=(7, 7, 14, 7), mlp_ratio=2.0)
+TINY = dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=(7, 7, 14, 7),
+            mlp_ratio=2.0)
 CLASSIFIER_FILES = {"config.json", "metadata.json", "task.json", "preprocessor.json", "image_converter.json",
                     "model.weights.h5", "task.weights.h5"}
 
@@ -90,7 +90,8 @@ def _tmpfs(path, size, read_only=False):
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
     path.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                           capture_output=True)
     if mount.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.decode().strip()}")
     try:
@@ -197,13 +198,13 @@ def test_python_api_never_deletes_a_users_folder(tmp_path):
 
 def test_convert_to_a_weights_file_needs_overwrite_too(xxtiny, tmp_path, capsys):
     source, state = xxtiny
-    existing, folder, link = tmp_path / "mine.weights.h5", tmp_path / "dir.weights.h5", tmp_path / "l.weights.h5"
+    existing, folder, link = (tmp_path / f"{name}.weights.h5" for name in ("mine", "dir", "link"))
     existing.write_bytes(b"a user's file")
     folder.mkdir()
     os.symlink(tmp_path / "nowhere", link)
     before = _tree(tmp_path)
-    for destination, message in ((existing, "exists; pass --overwrite"), (folder, "is a folder; give a file name"),
-                                 (link, "exists; pass --overwrite")):
+    for destination, message in ((existing, "exists; pass --overwrite"), (link, "exists; pass --overwrite"),
+                                 (folder, "is a folder; give a file name")):
         code, lines = _convert([source, destination], capsys)
         assert code == 1 and len(lines) == 1 and f"{destination} {message}" in lines[0], lines
     assert _tree(tmp_path) == before
@@ -247,13 +248,14 @@ DAMAGES = {
 }
 KERAS_HUB_LIMIT = pytest.mark.xfail(
     strict=True, raises=AssertionError,
-    reason="keras-hub's Backbone.from_preset reports `model.weights.json` doesn't exist (it looks for sharded "
-           "weights) and calls nothing of tfgcvit's that knows the preset before")
+    reason="keras-hub's Backbone.from_preset reports `model.weights.json` doesn't exist (it looks for "
+           "sharded weights) and calls nothing of tfgcvit's that knows the preset before")
 
 
 @pytest.mark.parametrize("loader", list(LOADERS))
 @pytest.mark.parametrize("damage", list(DAMAGES))
-def test_damaged_preset_fails_with_one_error_naming_the_file(fixture_preset, tmp_path, damage, loader, request):
+def test_damaged_preset_fails_with_one_error_naming_the_file(fixture_preset, tmp_path, damage, loader,
+                                                             request):
     if (damage, loader) == ("missing model weights", "keras_hub.models.Backbone"):
         request.applymarker(KERAS_HUB_LIMIT)
     directory = tmp_path / "damaged"
@@ -295,8 +297,8 @@ def test_full_disk_is_one_line_exit_1_and_leaves_nothing(xxtiny, tmp_path):
             assert run.returncode == 1, run.stderr[-3000:]  # was -11 (SIGSEGV) after 350 lines of h5py
             lines = messages(run.stderr)
             assert len(lines) == 1, lines
-            assert lines[0].startswith(f"tfgcvit convert: error: cannot write {what}: not enough space on the "
-                                       "device (")
+            assert lines[0].startswith(f"tfgcvit convert: error: cannot write {what}: not enough space on "
+                                       "the device (")
             assert f"free in {small}" in lines[0]
             assert os.listdir(small) == []
 

@@ -261,8 +261,8 @@ def add_arguments(parser):
     parser.add_argument("--task", choices=("classifier", "backbone"), default="classifier",
                         help="with --preset: an ImageClassifier preset (default) or a backbone-only one")
     parser.add_argument("--size", type=_input_size, default=None,
-                        help=f"with --preset: the preprocessor's input size, 32..{MAX_INPUT_SIZE} (default: the "
-                             "variant's, else 224)")
+                        help=f"with --preset: the preprocessor's input size, 32..{MAX_INPUT_SIZE} "
+                             "(default: the variant's, else 224)")
     parser.add_argument(
         "--variant",
         default=None,

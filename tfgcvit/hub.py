@@ -47,7 +47,8 @@ from tfgcvit.weights.mapping import load_torch_weights
 
 PACKAGE = "tfgcvit"
 # The files of a keras-hub preset directory that `from_preset` reads.
-PRESET_CONFIG_FILES = ("config.json", "metadata.json", "task.json", "preprocessor.json", "image_converter.json")
+PRESET_CONFIG_FILES = ("config.json", "metadata.json", "task.json", "preprocessor.json",
+                       "image_converter.json")
 PRESET_WEIGHTS_FILE = "model.weights.h5"
 TASK_WEIGHTS_FILE = "task.weights.h5"  # a classifier's head
 # All that `save_to_preset` writes for a GC ViT model: a folder holding nothing else may be replaced.

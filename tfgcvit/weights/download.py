@@ -41,7 +41,7 @@ _HASH_CHUNK_BYTES = 8 * 1024 * 1024
 
 # Files whose unpinned digest was already announced in this process (say it once).
 _ANNOUNCED = set()
-# Temporary files being written by `replaced_atomically` (and lock files to remove): what an interrupt removes.
+# What an interrupt removes: temporaries of `replaced_atomically`, lock files beside a user's files.
 _PENDING = set()
 
 
