@@ -12,6 +12,7 @@ import argparse
 import collections
 import concurrent.futures
 import contextlib
+import errno
 import importlib
 import itertools
 import json
@@ -707,12 +708,50 @@ def _tflite_int8_options(args, export_format):
     return {"optimizations": [tf.lite.Optimize.DEFAULT]}
 
 
+def _check_destination(output, saved_model, overwrite):
+    """Refuses, before the model is built, a destination that the export could not (or may not) write."""
+    import tempfile
+
+    # lexists: a link to nothing is an entry too, and os.replace would replace it.
+    if os.path.lexists(output):
+        if saved_model and not _is_saved_model(output):
+            # --overwrite replaces a SavedModel folder whole, never another folder or a file.
+            raise CommandError(f"{output} exists and is not a SavedModel folder; choose another name")
+        if not saved_model and os.path.isdir(output):
+            raise CommandError(f"{output} is a folder; give a file name")
+        if not overwrite:
+            raise CommandError(f"{output} exists; pass --overwrite to replace it")
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise CommandError(f"{folder}: no such folder")
+    try:  # what the export needs there: to create a file (deleted again at once)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise CommandError(f"cannot write {output}: {error.strerror or error}") from None
+
+
+# What a write can fail with (a full disk, a quota, a folder that became read-only, ...).
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+
+
+def _write_failure(error):
+    """The C library's reason for a failed write: an OSError's, or the one TensorFlow's own errors
+    (a SavedModel's variables) quote in their message; None for any other error."""
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    text = str(error)
+    return next((os.strerror(code) for code in WRITE_ERRORS if os.strerror(code) in text), None)
+
+
 def _export(args):
     import keras
 
     from tfgcvit.export import BACKENDS, export_model, quantize_onnx
     from tfgcvit.weights.download import replaced_atomically
 
+    if not args.output.strip():
+        raise CommandError("OUTPUT is empty; name the file *.onnx (ONNX) or *.tflite (TFLite), or a folder "
+                           "for a TensorFlow SavedModel")
     output = args.output.rstrip("/") or args.output
     suffix = os.path.splitext(output)[1].lower()
     if suffix not in EXPORT_FORMATS:
@@ -723,17 +762,7 @@ def _export(args):
     if args.int8 and saved_model:
         raise CommandError("--int8 quantises ONNX and TFLite files; a SavedModel keeps float32 weights "
                            "(name the output *.onnx or *.tflite)")
-    if os.path.exists(output):
-        if saved_model and not _is_saved_model(output):
-            # --overwrite replaces a SavedModel folder whole, never another folder or a file.
-            raise CommandError(f"{output} exists and is not a SavedModel folder; choose another name")
-        if not saved_model and os.path.isdir(output):
-            raise CommandError(f"{output} is a folder; give a file name")
-        if not args.overwrite:
-            raise CommandError(f"{output} exists; pass --overwrite to replace it")
-    folder = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(folder):
-        raise CommandError(f"{folder}: no such folder")
+    _check_destination(output, saved_model, args.overwrite)
     # Checked before the model is built.
     backend = keras.backend.backend()
     if backend not in BACKENDS[export_format]:
@@ -744,20 +773,31 @@ def _export(args):
     # Any height and width unless --size fixes one (a fixed size runs faster in OpenVINO).
     input_shape = (None, None, 3) if args.size is None else (args.size, args.size, 3)
     model = _build_model(resolved, input_shape=input_shape, include_preprocessing=args.include_preprocessing)
-    with replaced_atomically(output, suffix=suffix or ".savedmodel", folder=saved_model) as temporary:
-        try:
-            with warnings.catch_warnings():
-                # Keras' tf2onnx shim checks for NumPy's removed `np.object` (a FutureWarning).
-                warnings.simplefilter("ignore", FutureWarning)
-                export_model(model, temporary, format=export_format, **_tflite_int8_options(args, export_format))
-            if args.int8 and export_format == "onnx":
-                with replaced_atomically(temporary, suffix=".int8" + suffix) as quantized:
-                    quantize_onnx(temporary, quantized)
-        except ValueError as error:
-            raise CommandError(str(error)) from None
-        except ImportError as error:  # tf2onnx, onnx or onnxruntime missing
-            extra = " (pip install 'tfgcvit[onnx]' installs what ONNX export needs)" if export_format == "onnx" else ""
-            raise CommandError(f"{error}{extra}") from None
+    try:
+        with replaced_atomically(output, suffix=suffix or ".savedmodel", folder=saved_model) as temporary:
+            try:
+                with warnings.catch_warnings():
+                    # Keras' tf2onnx shim checks for NumPy's removed `np.object` (a FutureWarning).
+                    warnings.simplefilter("ignore", FutureWarning)
+                    export_model(model, temporary, format=export_format,
+                                 **_tflite_int8_options(args, export_format))
+                if args.int8 and export_format == "onnx":
+                    with replaced_atomically(temporary, suffix=".int8" + suffix) as quantized:
+                        quantize_onnx(temporary, quantized)
+            except ValueError as error:
+                raise CommandError(str(error)) from None
+            except ImportError as error:  # tf2onnx, onnx or onnxruntime missing
+                extra = (" (pip install 'tfgcvit[onnx]' installs what ONNX export needs)"
+                         if export_format == "onnx" else "")
+                raise CommandError(f"{error}{extra}") from None
+    except CommandError:
+        raise
+    except Exception as error:  # noqa: BLE001  only failures to write are reported here
+        reason = _write_failure(error)
+        if reason is None:
+            raise
+        # Named by the user's path: the file being written was a hidden temporary one.
+        raise CommandError(f"cannot write {output}: {reason}") from None
     record = {"output": output, "format": export_format, "int8": args.int8,
               "include_preprocessing": args.include_preprocessing, "model": resolved["name"],
               "weights": resolved["weights"], "input_shape": [None, *input_shape],

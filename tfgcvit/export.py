@@ -199,9 +199,35 @@ def export_model(model, path, format="tf_saved_model", input_signature=None, ver
     with tuning.disabled():
         model.export(str(path), format=format, verbose=verbose, input_signature=input_signature,
                      **kwargs)
+    if format == "onnx":
+        _check_onnx_inputs(path, model)
     if optimize:
         optimize_onnx(path)
     return path
+
+
+def _check_onnx_inputs(path, model):
+    """Removes the file and raises ValueError if it needs inputs besides the model's own.
+
+    tf2onnx writes the tensors a traced function captures (constants a layer keeps as
+    eager tensors, such as `keras.layers.Normalization(mean=..., variance=...)`'s) as
+    required inputs of the file, which then cannot run on images alone.
+    """
+    import os
+
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {init.name for init in graph.initializer}
+    inputs = [value.name for value in graph.input if value.name not in initializers]
+    if len(inputs) > len(model.inputs):
+        os.remove(path)
+        raise ValueError(
+            f"The ONNX file of {model.name!r} would need the inputs {inputs[len(model.inputs):]} besides "
+            "the images: a layer keeps constants as tensors, which tf2onnx writes as inputs (e.g. "
+            "keras.layers.Normalization(mean=..., variance=...)). Use a layer that keeps them as Python "
+            "numbers, such as keras.layers.Rescaling(scale, offset), and export again."
+        )
 
 
 def _require_onnx_file(path):
@@ -297,7 +323,18 @@ def optimize_onnx(path, output_path=None):
     # The opset conversion records inferred shapes, some of which the rewrites changed
     # (the attention's, now batch first); runtimes infer them again.
     del model.graph.value_info[:]
-    counts["shared"] = rewrite.compute_once(model)  # last: it reads the graph the others leave
+    # ONNX Runtime's symbolic shape inference logs "Unable to determine if ... treat as equal"
+    # for each level's crop after the window padding (files of any size): it cannot prove the
+    # map size <= the padded size (floor expressions of the input size), assumes the crop keeps
+    # the whole axis and then merges the two sizes, so the padded maps' inferred shapes are
+    # wrong. compute_once reads only the shapes of what Shape nodes read, and none reads a
+    # padded map (only the crop does); the any-size tests at 97 x 131 and 64 x 80 check that.
+    guesses = _DropMessages("Unable to determine if")
+    logging.getLogger("onnxruntime.tools.symbolic_shape_infer").addFilter(guesses)
+    try:
+        counts["shared"] = rewrite.compute_once(model)  # last: it reads the graph the others leave
+    finally:
+        logging.getLogger("onnxruntime.tools.symbolic_shape_infer").removeFilter(guesses)
     counts["transposes"] = transposes - sum(node.op_type == "Transpose" for node in model.graph.node)
     onnx.save(model, str(output_path or path))
     return counts
