@@ -30,12 +30,16 @@ import warnings
 from tfgcvit.config import (
     ALIASES,
     DEFAULT_CROP_PCT,
+    MAX_INPUT_SIZE,
     OFFICIAL_ARGUMENT_NAMES,
     VARIANTS,
     WEIGHTS_LICENSE,
     architecture,
     architecture_from_official_arguments,
+    check_input_size,
+    input_size_argument,
     parameter_count,
+    whole_number,
 )
 
 PROG = "tfgcvit"
@@ -43,11 +47,6 @@ DEFAULT_MODEL = "tiny"
 CUSTOM_MODEL = "custom"
 CUSTOM_CONFIG_KEYS = (*OFFICIAL_ARGUMENT_NAMES, "num_classes")
 TFDS_PREFIX = "tfds:"
-# The largest --size (or custom config "res"): 4x the 512 pixels of the largest
-# official model. Activations grow with size ** 2 (at 2048, 16x those of the
-# 512 model, 84x those at 224), and accuracy falls far from the trained size; a
-# size beyond this is a typo rather than a plan (100000 grew to 8.7 GB and on).
-MAX_INPUT_SIZE = 2048
 # 128 + SIGINT, what shells report for a command killed by Ctrl-C.
 INTERRUPTED_EXIT_CODE = 130
 
@@ -118,16 +117,11 @@ def _import_keras():
 
 
 def _check_input_size(size, what):
-    """Raises CommandError unless `size` is one the model can serve (see MAX_INPUT_SIZE)."""
-    from tfgcvit.model.gcvit import MIN_SIZE
-
-    if not MIN_SIZE <= size <= MAX_INPUT_SIZE:
-        raise CommandError(
-            f"{what} {size} is outside {MIN_SIZE}..{MAX_INPUT_SIZE}: the network downsamples by {MIN_SIZE}, "
-            f"and beyond {MAX_INPUT_SIZE} (4x the largest official model's 512) memory grows with size^2 "
-            "to many GB per image"
-        )
-    return size
+    """Raises CommandError unless `size` is one the model can serve (see config.MAX_INPUT_SIZE)."""
+    try:
+        return check_input_size(size, what)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
 
 
 def _read_custom_config(path):
@@ -591,7 +585,7 @@ def _add_explain_arguments(parser):
 def _class_from_argument(text, names):
     if text is None:
         return None
-    index = _whole_number(text)
+    index = whole_number(text)
     if index is not None:
         if index >= len(names):
             raise CommandError(f"--class {text}: the model has {len(names)} classes (0..{len(names) - 1})")
@@ -886,34 +880,12 @@ def _delegate(module_name):
 # Command line ------------------------------------------------------------------
 
 
-# argparse names the type function in its message for a ValueError ("invalid
-# _input_size value: 'abc'"); an ArgumentTypeError gives `argument --size: MESSAGE`.
-
-
-def _whole_number(text):
-    """The int written in ASCII digits, or None (int() also reads "١", and str.isdigit() passes "²")."""
-    text = text.strip()
-    if not (text.isascii() and text.isdigit()):
-        return None
-    try:
-        return int(text)
-    except ValueError:  # over Python's 4300 digits
-        return None
-
-
-def _input_size(text):
-    size = _whole_number(text)
-    if size is None:
-        raise argparse.ArgumentTypeError(
-            f"expected a whole number of pixels, 32..{MAX_INPUT_SIZE}; got {text!r}")
-    try:
-        return _check_input_size(size, "size")
-    except CommandError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+# Types of the options: an ArgumentTypeError gives `argument --OPTION: MESSAGE`
+# (see config.input_size_argument).
 
 
 def _positive_int(text):
-    value = _whole_number(text)
+    value = whole_number(text)
     if not value:
         raise argparse.ArgumentTypeError(f"expected a whole number, 1 or more; got {text!r}")
     return value
@@ -943,7 +915,7 @@ def _add_model_arguments(parser, batch_size, size_help=None):
                              + ", optional res)")
     parser.add_argument("--classes", type=_positive_int,
                         help="classes of the checkpoint's head when it is not 1000 (variants only)")
-    parser.add_argument("--size", type=_input_size,
+    parser.add_argument("--size", type=input_size_argument,
                         help=size_help or f"input size, 32..{MAX_INPUT_SIZE} (default: the variant's native "
                                           "size, or the config's res)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")

@@ -10,9 +10,17 @@ import os
 import re
 import sys
 
-from tfgcvit.cli import MAX_INPUT_SIZE, CommandError, _check_input_size, _input_size
 from tfgcvit.weights.checkpoint import CheckpointError, read_checkpoint
-from tfgcvit.config import ARCHITECTURE_KEYS, NUM_STAGES, VARIANTS, find_variant, variant_name
+from tfgcvit.config import (
+    ARCHITECTURE_KEYS,
+    MAX_INPUT_SIZE,
+    NUM_STAGES,
+    VARIANTS,
+    check_input_size,
+    find_variant,
+    input_size_argument,
+    variant_name,
+)
 from tfgcvit.weights.download import (
     DownloadError,
     check_free_space,
@@ -210,10 +218,7 @@ def convert_to_preset(src, directory, task="classifier", variant=None, entry="st
     if task not in ("classifier", "backbone"):
         raise ValueError(f"`task` must be 'classifier' or 'backbone'; got {task!r}.")
     if image_size is not None:
-        try:
-            _check_input_size(image_size, "image_size")
-        except CommandError as error:
-            raise ValueError(str(error)) from None
+        check_input_size(image_size, "image_size")
     hub.check_preset_destination(directory, overwrite)  # before the conversion, which takes a while
     state_dict = _read_source(src, entry)
     config = detect_config(state_dict)
@@ -260,7 +265,7 @@ def add_arguments(parser):
                         help="write a keras-hub preset directory instead (any GC ViT architecture)")
     parser.add_argument("--task", choices=("classifier", "backbone"), default="classifier",
                         help="with --preset: an ImageClassifier preset (default) or a backbone-only one")
-    parser.add_argument("--size", type=_input_size, default=None,
+    parser.add_argument("--size", type=input_size_argument, default=None,
                         help=f"with --preset: the preprocessor's input size, 32..{MAX_INPUT_SIZE} "
                              "(default: the variant's, else 224)")
     parser.add_argument(

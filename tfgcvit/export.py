@@ -30,6 +30,7 @@ import logging
 import keras
 import numpy as np
 
+from tfgcvit.config import MIN_SIZE
 from tfgcvit.model import tuning
 from tfgcvit.model.layers import SQRT_HALF
 
@@ -61,7 +62,6 @@ OPTIONS = {
 MIN_ONNX_OPSET = 13
 # ONNX's LayerNormalization node exists from this opset on.
 LAYER_NORM_OPSET = 17
-MIN_SIZE = 32
 # ONNX operators (besides Random*) whose outputs may differ between two nodes with the same inputs.
 RANDOM_OPS = ("Bernoulli", "Dropout", "Multinomial")
 
