@@ -11,8 +11,9 @@ The eleven official checkpoints are keras-hub presets named
 the official checkpoint through tfgcvit's safe path (published sha256, cache,
 `TFGCVIT_MIRROR`, no pickle execution), converts it and writes a standard
 preset directory under `<cache>/presets/<name>`; later calls load that
-directory. Importing this module registers the classes and presets with
-keras-hub; `import tfgcvit` does it as soon as keras-hub is imported.
+directory. Importing this module (`import tfgcvit.hub`, or the first use of
+`tfgcvit.GCViTBackbone` and the other keras-hub names) registers the classes and
+presets with keras-hub; `import tfgcvit` alone does not.
 """
 
 import json
