@@ -14,7 +14,7 @@ RANKS = {
     "config": 0,
     "data.images": 0, "data.preprocessing": 0,
     "weights.checkpoint": 0, "weights.download": 0, "weights.resize": 0,
-    "model.tuning": 0,
+    "model.forms": 0,
     "model.layers": 1,  # the building blocks
     "weights.mapping": 2,  # the official <-> Keras weight mapping
     "weights.pretrained": 3,  # the registry of official checkpoints, their cache, loading weights
@@ -26,7 +26,7 @@ RANKS = {
 }
 # What each folder holds; its modules are named "folder.module" above.
 FOLDERS = {
-    "model": {"layers", "gcvit", "tuning"},
+    "model": {"layers", "gcvit", "forms"},
     "weights": {"checkpoint", "download", "mapping", "resize", "pretrained"},
     "data": {"images", "preprocessing"},
 }

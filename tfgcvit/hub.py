@@ -132,7 +132,7 @@ class GCViTBackbone(keras_hub.models.FeaturePyramidBackbone):
     def pyramid_outputs(self):
         # A plain dict: Keras keeps attributes as TrackedDicts, which a JAX
         # `predict` cannot return (`keras.Model(backbone.input, backbone.pyramid_outputs)`).
-        return dict(getattr(self, "_pyramid_outputs", {}))
+        return dict(keras_hub.models.FeaturePyramidBackbone.pyramid_outputs.fget(self) or {})
 
     @pyramid_outputs.setter
     def pyramid_outputs(self, value):
