@@ -21,6 +21,7 @@ def test_forms_follow_the_target_table():
     assert forms.export_format() is None
     assert forms.shifted_depthwise() == _jax_on_cpu()
     assert forms.channels_first_view() == (BACKEND == "torch")
+    assert forms.fewer_pass_layer_norm() == (BACKEND != "torch")
     with forms.exporting("tf_saved_model"):
         assert forms.export_format() == "tf_saved_model"
         assert forms.shifted_depthwise() is False  # a file gets the reference form

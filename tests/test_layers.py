@@ -16,6 +16,7 @@ GLOBAL_QUERY = np.random.default_rng(5).normal(size=(2, 2, 1, 49, 4)).astype("fl
 # so that one missing from `get_config` changes the restored layer's output.
 CASES = {
     "DropPath": (lambda **kw: layers.DropPath(0.1, seed=3, **kw), (2, 8, 8, 4), None),
+    "LayerNorm": (lambda **kw: layers.LayerNorm(epsilon=1e-3, **kw), (2, 4, 5, 8), None),
     "SqueezeExcite": (lambda **kw: layers.SqueezeExcite(0.5, **kw), (2, 8, 8, 8), None),
     "MBConv": (lambda **kw: layers.MBConv(**kw), (2, 8, 8, 8), None),
     "ReduceSize": (lambda **kw: layers.ReduceSize(keep_dim=True, **kw), (2, 9, 11, 8), None),

@@ -10,7 +10,7 @@ here, from an explicit target only:
 - on JAX, the platform of JAX's default device;
 - the export format being written: `exporting(format)` around the tracing code
   (`tfgcvit.export.export_model` enters it). A file is served elsewhere, so it
-  gets the reference forms.
+  gets no form chosen for the machine that writes it.
 
 Nothing is timed and nothing else about the machine is read. The table:
 
@@ -18,10 +18,12 @@ Nothing is timed and nothing else about the machine is read. The table:
 |-------------------------------------------------|---------------------------------------------------|
 | backend "jax", default device "cpu", no export  | 3x3 depthwise convolutions as nine shifted        |
 |                                                 | multiply-adds (`layers._shifted_depthwise_conv`)  |
+| backend "tensorflow" or "jax"                   | layer norms in fewer passes over the tensor       |
+|                                                 | (`layers.LayerNorm`; also in exports, whose ONNX  |
+|                                                 | rewrite fuses this form)                          |
 | backend "torch"                                 | convolutions and the max-pool on a channels-first |
 |                                                 | view (`layers._channels_first_view`)              |
-| anything else (TensorFlow, JAX on GPU/TPU, any  | the reference forms                               |
-| export)                                         |                                                   |
+| anything else                                   | the reference forms                               |
 
 Forms are decided when a model is traced (`predict`, `tf.function`, `jax.jit`,
 an export), so a function traced before a change keeps its graph.
@@ -56,6 +58,11 @@ def shifted_depthwise():
     import jax
 
     return jax.default_backend() == "cpu"
+
+
+def fewer_pass_layer_norm():
+    """TensorFlow and JAX; PyTorch runs Keras' own norm as one fused kernel."""
+    return keras.backend.backend() != "torch"
 
 
 def channels_first_view():
