@@ -50,7 +50,8 @@ def test_shifted_depthwise_equals_the_convolution_with_gradients(monkeypatch):
 
     block = layers.MBConv()
     block.build((None, 9, 11, 16))
-    x = keras.ops.convert_to_tensor(np.random.default_rng(0).standard_normal((2, 9, 11, 16)).astype("float32"))
+    x = np.random.default_rng(0).standard_normal((2, 9, 11, 16)).astype("float32")
+    x = keras.ops.convert_to_tensor(x)
 
     def loss(variables, inputs):
         outputs, _ = block.stateless_call(variables, [], inputs)

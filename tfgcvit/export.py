@@ -783,8 +783,9 @@ class _Rewrite:
         with tempfile.TemporaryDirectory() as folder:
             source, target = os.path.join(folder, "model.onnx"), os.path.join(folder, "shapes.onnx")
             onnx.save(model, source)
-            run = subprocess.run([sys.executable, "-m", "onnxruntime.tools.symbolic_shape_infer", "--input",
-                                  source, "--output", target, "--auto_merge"], cwd=folder, capture_output=True)
+            command = [sys.executable, "-m", "onnxruntime.tools.symbolic_shape_infer", "--input", source,
+                       "--output", target, "--auto_merge"]
+            run = subprocess.run(command, cwd=folder, capture_output=True)
             if run.returncode != 0 or not os.path.isfile(target):
                 return {}
             inferred = onnx.load(target)

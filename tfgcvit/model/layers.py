@@ -86,6 +86,10 @@ def _dense(parent, units, name, use_bias=True):
                         dtype=parent.dtype_policy, name=name)
 
 
+def _dropout(parent, rate, name):
+    return layers.Dropout(rate, dtype=parent.dtype_policy, name=name)
+
+
 def _layer_norm(parent, name):
     return LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=parent.dtype_policy, name=name)
 
@@ -135,7 +139,7 @@ def _conv(layer, x):
     kernel = ops.cast(layer.kernel, x.dtype)
     conv = ops.depthwise_conv if depthwise else ops.conv
     x = _channels_first_view(
-        lambda v: conv(v, kernel, strides=layer.strides, padding=layer.padding, data_format="channels_first"), x)
+        lambda v: conv(v, kernel, layer.strides, layer.padding, data_format="channels_first"), x)
     return x + ops.cast(layer.bias, x.dtype) if layer.use_bias else x
 
 
@@ -367,8 +371,9 @@ class PatchEmbed(_Layer):
         self.embed_dim = embed_dim
 
     def build(self, input_shape):
-        self.proj = _built(layers.Conv2D(self.embed_dim, 3, strides=2, kernel_initializer=NumpyGlorotUniform(),
-                                         dtype=self.dtype_policy, name="proj"), input_shape)
+        self.proj = _built(layers.Conv2D(
+            self.embed_dim, 3, strides=2, kernel_initializer=NumpyGlorotUniform(), dtype=self.dtype_policy,
+            name="proj"), input_shape)
         self.conv_down = _built(ReduceSize(keep_dim=True, dtype=self.dtype_policy, name="conv_down"),
                                 (None, None, None, self.embed_dim))
 
@@ -457,13 +462,15 @@ class WindowAttention(_Layer):
     one kernel, and no tensor has more than 5 dimensions (TFLite's limit).
     """
 
-    CONFIG = ("window_size", "num_heads", "use_global_query", "qkv_bias", "qk_scale", "attn_drop", "proj_drop")
+    CONFIG = ("window_size", "num_heads", "use_global_query", "qkv_bias", "qk_scale", "attn_drop",
+              "proj_drop")
 
     def __init__(self, window_size, num_heads, use_global_query=False, qkv_bias=True, qk_scale=None,
                  attn_drop=0.0, proj_drop=0.0, **kwargs):
         super().__init__(**kwargs)
         self.window_size, self.num_heads, self.use_global_query = window_size, num_heads, use_global_query
-        self.qkv_bias, self.qk_scale, self.attn_drop, self.proj_drop = qkv_bias, qk_scale, attn_drop, proj_drop
+        self.qkv_bias, self.qk_scale = qkv_bias, qk_scale
+        self.attn_drop, self.proj_drop = attn_drop, proj_drop
 
     def build(self, input_shape):
         channels = input_shape[-1]
@@ -473,9 +480,9 @@ class WindowAttention(_Layer):
         self.scale = self.qk_scale or self.head_dim**-0.5
         parts = 2 if self.use_global_query else 3
         self.qkv = _built(_dense(self, parts * channels, "qkv", use_bias=self.qkv_bias), (None, channels))
-        self.attn_dropout = _built(layers.Dropout(self.attn_drop, dtype=self.dtype_policy, name="attn_drop"), None)
+        self.attn_dropout = _built(_dropout(self, self.attn_drop, "attn_drop"), None)
         self.proj = _built(_dense(self, channels, "proj"), (None, channels))
-        self.proj_dropout = _built(layers.Dropout(self.proj_drop, dtype=self.dtype_policy, name="proj_drop"), None)
+        self.proj_dropout = _built(_dropout(self, self.proj_drop, "proj_drop"), None)
         self.relative_position_bias_table = self.add_weight(
             name="relative_position_bias_table", shape=((2 * self.window_size - 1) ** 2, self.num_heads),
             initializer=NumpyTruncatedNormal(stddev=0.02))
@@ -499,7 +506,8 @@ class WindowAttention(_Layer):
         parts = 2 if self.use_global_query else 3
         # A 2-D (tokens, C) view: see `MLP.call`.
         qkv = self.qkv(ops.reshape(inputs, (-1, self.num_heads * self.head_dim)))
-        qkv = ops.transpose(ops.reshape(qkv, (-1, tokens, parts, self.num_heads, self.head_dim)), (2, 3, 0, 1, 4))
+        qkv = ops.reshape(qkv, (-1, tokens, parts, self.num_heads, self.head_dim))
+        qkv = ops.transpose(qkv, (2, 3, 0, 1, 4))  # (parts, heads, B * nW, N, head_dim)
         # An unstack (timm's unbind), not `qkv[i]`: TFLite runs that strided slice element by element.
         if self.use_global_query:
             key, value = ops.unstack(qkv, 2, axis=0)
@@ -535,7 +543,7 @@ class MLP(_Layer):
         channels = input_shape[-1]
         self.fc1 = _built(_dense(self, self.hidden_dim, "fc1"), (None, channels))
         self.fc2 = _built(_dense(self, channels, "fc2"), (None, self.hidden_dim))
-        self.dropout = _built(layers.Dropout(self.drop, dtype=self.dtype_policy, name="drop"), None)
+        self.dropout = _built(_dropout(self, self.drop, "drop"), None)
 
     def call(self, inputs, training=None):
         # A 2-D (tokens, C) view: there TensorFlow fuses matmul, bias and GELU into one
@@ -577,8 +585,8 @@ class GCViTBlock(_Layer):
             qk_scale=self.qk_scale, attn_drop=self.attn_drop, proj_drop=self.drop, dtype=self.dtype_policy,
             name="attn"), shape)
         self.norm2 = _built(_layer_norm(self, "norm2"), shape)
-        self.mlp = _built(MLP(int(channels * self.mlp_ratio), drop=self.drop, dtype=self.dtype_policy, name="mlp"),
-                          shape)
+        hidden = int(channels * self.mlp_ratio)
+        self.mlp = _built(MLP(hidden, drop=self.drop, dtype=self.dtype_policy, name="mlp"), shape)
         self.drop_path = _built(DropPath(self.path_drop, dtype=self.dtype_policy, name="drop_path"), shape)
         self.gamma1 = self.gamma2 = None
         if self.layer_scale is not None:
@@ -600,7 +608,8 @@ class GCViTBlock(_Layer):
         windows = window_partition(x, w, (batch, height + pad_h, width + pad_w))
         windows = self.attn(windows, global_query=global_query, training=training)
         x = window_reverse(windows, w, height + pad_h, width + pad_w)
-        # A slice, not `x[:, :height, :width]`: TFLite copies it row by row, a strided slice element by element.
+        # A slice, not `x[:, :height, :width]`: TFLite copies a slice row by row, a strided
+        # slice element by element.
         return ops.slice(x, (0, 0, 0, 0), (batch, height, width, ops.shape(x)[3])) if padded else x
 
     def call(self, inputs, global_query=None, training=None):
