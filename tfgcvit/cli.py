@@ -9,6 +9,7 @@ unexpected error. docs/input_limits.md lists the limits enforced on inputs.
 """
 
 import argparse
+import collections
 import concurrent.futures
 import contextlib
 import importlib
@@ -367,6 +368,14 @@ def _predict(args):
 # evaluate --------------------------------------------------------------------
 
 
+def _is_folder(entry):
+    """True or False; None when it cannot be told (a symbolic-link loop: stat fails with ELOOP)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return None
+
+
 def list_image_folder(root):
     """Lists (path, class index) for a folder laid out like ImageNet-v2.
 
@@ -374,7 +383,9 @@ def list_image_folder(root):
     ASCII digits (0, 1, ..., 999), each holding that class's image files.
     Hidden entries, subfolders of class folders and files directly in `root`
     are ignored; anything else in a class folder is listed, so that what is not
-    a readable image is reported rather than silently skipped.
+    a readable image is reported rather than silently skipped. So is a class
+    folder that cannot be opened (a symbolic-link loop named 3): it is listed
+    as one item, reported when read, and the other classes are evaluated.
 
     Returns:
         A list of (path, label), sorted by class index then file name.
@@ -386,7 +397,8 @@ def list_image_folder(root):
         raise CommandError(f"{root}: no such folder")
     if not os.path.isdir(root):
         raise CommandError(f"{root}: not a folder (expected subfolders 0, 1, ... of images, or tfds:imagenet_v2)")
-    folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+    kinds = {entry.name: _is_folder(entry) for entry in os.scandir(root) if not entry.name.startswith(".")}
+    folders = sorted(name for name, kind in kinds.items() if kind)
     if not folders:
         raise CommandError(f"{root}: no class folders (expected subfolders named 0, 1, ... holding images)")
     # str.isdigit() also accepts other scripts' digits ("١") and superscripts.
@@ -397,11 +409,16 @@ def list_image_folder(root):
             + ", ".join(repr(name) for name in misnamed[:5])
             + (f" and {len(misnamed) - 5} more" if len(misnamed) > 5 else "")
         )
+    unreadable = [name for name, kind in kinds.items() if kind is None and name.isascii() and name.isdigit()]
     items = []
-    for name in sorted(folders, key=int):
+    for name in sorted(folders + unreadable, key=int):
         folder = os.path.join(root, name)
+        if name in unreadable:
+            items.append((folder, int(name)))
+            continue
+        # Entries that cannot be told (_is_folder None) are listed: reading them reports why.
         files = sorted(entry.name for entry in os.scandir(folder)
-                       if not entry.is_dir() and not entry.name.startswith("."))
+                       if _is_folder(entry) is not True and not entry.name.startswith("."))
         items.extend((os.path.join(folder, file), int(name)) for file in files)
     if not items:
         raise CommandError(f"{root}: the class folders hold no files")
@@ -565,6 +582,7 @@ def _add_explain_arguments(parser):
     parser.add_argument("--method", choices=METHODS, default="hirescam",
                         help="class-activation method (default: hirescam, equal to Grad-CAM for GC ViT's head)")
     parser.add_argument("--labels", help="text file with one class name per line, in class-index order")
+    parser.add_argument("--overwrite", action="store_true", help="replace pictures that exist in --out")
     _add_model_arguments(parser, batch_size=4)
     parser.set_defaults(handler=_explain)
 
@@ -572,8 +590,8 @@ def _add_explain_arguments(parser):
 def _class_from_argument(text, names):
     if text is None:
         return None
-    if text.strip().isdigit():
-        index = int(text)
+    index = _whole_number(text)
+    if index is not None:
         if index >= len(names):
             raise CommandError(f"--class {text}: the model has {len(names)} classes (0..{len(names) - 1})")
         return index
@@ -593,14 +611,25 @@ def _summary(values):
             "mean": float(values.mean()), "peak": [int(peak[0]), int(peak[1])]}
 
 
-def _output_path(folder, image_path, used):
-    stem = os.path.splitext(os.path.basename(image_path))[0] or "image"
-    path, count = os.path.join(folder, f"{stem}_explain.png"), 1
-    while path in used:
-        count += 1
-        path = os.path.join(folder, f"{stem}_explain_{count}.png")
-    used.add(path)
-    return path
+def _output_paths(folder, image_paths, overwrite):
+    """One picture path per image, in order: `<stem>_explain.png`, `_2`, `_3` for a name used again.
+
+    Raises CommandError, before any work, when one of them exists and `overwrite` is false.
+    """
+    paths = []
+    for image_path in image_paths:
+        stem = os.path.splitext(os.path.basename(image_path))[0] or "image"
+        path, count = os.path.join(folder, f"{stem}_explain.png"), 1
+        while path in paths:
+            count += 1
+            path = os.path.join(folder, f"{stem}_explain_{count}.png")
+        paths.append(path)
+    existing = [path for path in paths if os.path.lexists(path)]
+    if existing and not overwrite:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise CommandError(
+            f"{existing[0]} exists{more}; pass --overwrite to replace it, or choose another --out")
+    return paths
 
 
 def _report(image_path, path, result, names, as_json):
@@ -620,10 +649,14 @@ def _explain(args):
     import numpy as np
 
     from tfgcvit import explain
+    from tfgcvit.weights.download import replaced_atomically
 
     resolved = _resolve_model(args)
     names = _class_names(resolved["classes"], args.labels)
     class_index = _class_from_argument(args.explain_class, names)
+    outputs = collections.defaultdict(collections.deque)  # image path -> its pictures' paths, in order
+    for image_path, path in zip(args.images, _output_paths(args.out, args.images, args.overwrite)):
+        outputs[image_path].append(path)
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as error:
@@ -633,11 +666,14 @@ def _explain(args):
     def explained(images):
         return explain.explain_images(model, np.stack(images), class_index, args.method)
 
-    records, used = [], set()
+    records = []
     for image_path, image, result in _image_outputs(args, resolved, records, explained):
-        path = _output_path(args.out, image_path, used)
+        path = outputs[image_path].popleft()
+        picture = explain.render(image, result, names)
         try:
-            explain.render(image, result, names).save(path)
+            # Beside the picture, then moved into place: an interrupt or a full disk leaves no half PNG.
+            with replaced_atomically(path, suffix=".png") as temporary:
+                picture.save(temporary, format="PNG")
         except OSError as error:
             raise CommandError(f"cannot write {path}: {error}") from None
         records.append(_report(image_path, path, result, names, args.json))
@@ -810,24 +846,46 @@ def _delegate(module_name):
 # Command line ------------------------------------------------------------------
 
 
-def _input_size(text):
+# argparse names the type function in its message for a ValueError ("invalid
+# _input_size value: 'abc'"); an ArgumentTypeError gives `argument --size: MESSAGE`.
+
+
+def _whole_number(text):
+    """The int written in ASCII digits, or None (int() also reads "١", and str.isdigit() passes "²")."""
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()):
+        return None
     try:
-        return _check_input_size(int(text), "size")
+        return int(text)
+    except ValueError:  # over Python's 4300 digits
+        return None
+
+
+def _input_size(text):
+    size = _whole_number(text)
+    if size is None:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number of pixels, 32..{MAX_INPUT_SIZE}; got {text!r}")
+    try:
+        return _check_input_size(size, "size")
     except CommandError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text}")
+    value = _whole_number(text)
+    if not value:
+        raise argparse.ArgumentTypeError(f"expected a whole number, 1 or more; got {text!r}")
     return value
 
 
 def _crop_pct(text):
-    value = float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1]; got {text}")
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], such as 0.875; got {text!r}")
     return value
 
 

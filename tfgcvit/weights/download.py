@@ -147,6 +147,8 @@ def replaced_atomically(destination, suffix=".part", folder=False):
     directory, name = os.path.split(os.path.abspath(destination))
     while True:
         temporary = os.path.join(directory, f".{name}.{secrets.token_hex(4)}{suffix}")
+        # Pending before it exists: an interrupt just after its creation removes it too.
+        _PENDING.add(temporary)
         try:
             if folder:
                 os.mkdir(temporary, 0o777)
@@ -154,8 +156,10 @@ def replaced_atomically(destination, suffix=".part", folder=False):
                 os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             break
         except FileExistsError:
-            continue
-    _PENDING.add(temporary)
+            _PENDING.discard(temporary)
+        except BaseException:
+            _PENDING.discard(temporary)
+            raise
     try:
         yield temporary
         if folder and os.path.isdir(destination):
