@@ -11,8 +11,9 @@ The eleven official checkpoints are keras-hub presets named
 the official checkpoint through tfgcvit's safe path (published sha256, cache,
 `TFGCVIT_MIRROR`, no pickle execution), converts it and writes a standard
 preset directory under `<cache>/presets/<name>`; later calls load that
-directory. Importing this module registers the classes and presets with
-keras-hub; `import tfgcvit` does it as soon as keras-hub is imported.
+directory. Importing this module (`import tfgcvit.hub`, or the first use of
+`tfgcvit.GCViTBackbone` and the other keras-hub names) registers the classes and
+presets with keras-hub; `import tfgcvit` alone does not.
 """
 
 import json
@@ -133,7 +134,7 @@ class GCViTBackbone(keras_hub.models.FeaturePyramidBackbone):
     def pyramid_outputs(self):
         # A plain dict: Keras keeps attributes as TrackedDicts, which a JAX
         # `predict` cannot return (`keras.Model(backbone.input, backbone.pyramid_outputs)`).
-        return dict(getattr(self, "_pyramid_outputs", {}))
+        return dict(keras_hub.models.FeaturePyramidBackbone.pyramid_outputs.fget(self) or {})
 
     @pyramid_outputs.setter
     def pyramid_outputs(self, value):
