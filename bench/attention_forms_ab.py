@@ -8,6 +8,10 @@ timed in turn for ROUNDS rounds. The forms were changed for TFLite
 (bench/tflite_ab.py); this checks that TensorFlow does not pay for it.
 
 Usage: .venv/bin/python bench/attention_forms_ab.py BATCH ROUNDS
+
+It measured forms of the package before issue 29 (`tfgcvit.model.tuning`, `layers._call`,
+`layers._by_row_halves`): run it on that tree, e.g. `git archive 96fbcf3 tfgcvit | tar -x -C DIR`
+and PYTHONPATH=DIR.
 """
 import os
 import sys

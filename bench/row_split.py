@@ -11,6 +11,10 @@ Usage (from the repository root; about 3 minutes):
     # other thread counts / CPUs, a few shapes (the tuning decision in tfgcvit.model.tuning):
     taskset -c 0 .venv/bin/python bench/row_split.py --threads 0 --shapes 196x256,784x128
     .venv/bin/python bench/row_split.py --threads 4 --inter-threads 4 --shapes 196x256
+
+It measured forms of the package before issue 29 (`tfgcvit.model.tuning`, `layers._call`,
+`layers._by_row_halves`): run it on that tree, e.g. `git archive 96fbcf3 tfgcvit | tar -x -C DIR`
+and PYTHONPATH=DIR.
 """
 
 import argparse

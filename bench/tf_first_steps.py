@@ -1,8 +1,8 @@
 """Where the seconds before TensorFlow's first GCViT-Tiny prediction go, step by step.
 
-import, build (random weights), the row-halves measurement (`tuning.row_halves_pay_off`,
-the first trace's; skipped with TFGCVIT_MACHINE_TUNING=0), tracing the model, the first
-run of the traced graph (TensorFlow's graph optimisation and kernel set-up) and a second run.
+import, build (random weights), tracing the model, the first run of the traced graph
+(TensorFlow's graph optimisation and kernel set-up) and a second run. (Before issue 29 the
+first trace also timed the row halves, `tfgcvit.model.tuning.row_halves_pay_off`.)
 
 Usage: KERAS_BACKEND=tensorflow .venv/bin/python bench/tf_first_steps.py [BATCH]
 """
@@ -15,7 +15,6 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tfgcvit  # noqa: E402
-from tfgcvit.model import tuning  # noqa: E402
 
 steps = {"import": time.perf_counter() - start}
 batch = int(sys.argv[1]) if len(sys.argv) > 1 else 1
@@ -29,7 +28,6 @@ def step(name, function):
 
 
 model = step("build", lambda: tfgcvit.GCViTTiny(weights=None))
-step("row-halves measurement", lambda: tuning.mode() != "off" and tuning.row_halves_pay_off())
 function = tf.function(lambda x: model(x, training=False))
 concrete = step("trace", lambda: function.get_concrete_function(tf.TensorSpec((None, 224, 224, 3), tf.float32)))
 x = tf.constant(np.zeros((batch, 224, 224, 3), "float32"))

@@ -5,6 +5,10 @@ drift hits both alike; the first batches check that the outputs are identical an
 count Keras `Layer.__call__` invocations per predict.
 
 Usage: .venv/bin/python bench/torch_call_ab.py --batch 1 --rounds 25
+
+It measured forms of the package before issue 29 (`tfgcvit.model.tuning`, `layers._call`,
+`layers._by_row_halves`): run it on that tree, e.g. `git archive 96fbcf3 tfgcvit | tar -x -C DIR`
+and PYTHONPATH=DIR.
 """
 
 import argparse

@@ -167,9 +167,42 @@ def test_bad_models_and_images_are_refused_clearly(fixture_model, fixture_state_
         explain_image(fixture_model, photo(), class_index=10)
     with pytest.raises(ValueError, match="RGB images"):
         explain_image(fixture_model, np.zeros((224, 224), np.uint8))
-    features_only = GCViT(**dict(FIXTURE_CONFIG, include_top=False))
-    with pytest.raises(ValueError, match="include_top=True"):
-        explain_image(features_only, photo())
+    # Without a head the output is the feature map, or with pooling (batch, 128) pooled
+    # features, which have the shape of class scores: refused, not explained as classes.
+    for pooling, shape in ((None, "(None, 7, 7, 128)"), ("avg", "(None, 128)"), ("max", "(None, 128)")):
+        headless = GCViT(**dict(FIXTURE_CONFIG, include_top=False, pooling=pooling))
+        with pytest.raises(ValueError) as error:
+            explain_image(headless, photo())
+        message = str(error.value)
+        assert "\n" not in message and f"features of shape {shape}" in message, message
+        assert ("pooled features" in message) == (pooling is not None)
+        assert message.endswith("Pass a classifier: the model built with include_top=True, or this model "
+                                "with your own head on top.")
+
+
+@pytest.mark.backends
+def test_a_model_that_normalises_its_input_is_explained_like_the_same_weights_without(
+        fixture_model, fixture_state_dict, golden):
+    from tfgcvit import GCViT, load_torch_weights, preprocess_input
+    from tfgcvit.explain import explain_images, global_attention
+
+    # include_preprocessing=True: the model takes pixels and normalises them itself.
+    normalising = GCViT(**dict(FIXTURE_CONFIG, include_preprocessing=True))
+    load_torch_weights(normalising, fixture_state_dict)
+    pixels = golden["pixels"]
+    for ours, reference in zip(explain_images(normalising, pixels), explain_images(fixture_model, pixels)):
+        for key in ("logits", "cam_tokens"):
+            np.testing.assert_allclose(ours[key], reference[key], rtol=0, atol=tolerance(reference[key]))
+        assert ours["class_index"] == reference["class_index"]
+        maps = [("cam", ours["cam"], reference["cam"])] + [
+            (name, ours["attention"][name], values) for name, values in reference["attention"].items()]
+        for name, values, expected in maps:
+            np.testing.assert_allclose(values, expected, rtol=0, atol=1e-4, err_msg=name)
+    # global_attention takes what the model takes: here the pixels.
+    reference_stages = global_attention(fixture_model, preprocess_input(pixels))
+    for ours, reference in zip(global_attention(normalising, pixels), reference_stages):
+        (probabilities,), (expected,) = ours["probabilities"], reference["probabilities"]
+        np.testing.assert_allclose(probabilities, expected, rtol=0, atol=tolerance(expected))
 
 
 def test_render_gives_a_png_with_all_panels(fixture_model, tmp_path):
@@ -253,3 +286,34 @@ def test_command_json_and_class_choice(tmp_path, capsys):
     assert _lines(capsys.readouterr().err) == [
         "tfgcvit: error: --class 'tabby': no such class label; pass a class index or a label such as '0'"
     ]
+
+
+def test_command_keeps_existing_pictures_unless_told_to_overwrite(tmp_path, capsys):
+    from tfgcvit.cli import main
+
+    mine = tmp_path / "cat_explain.png"
+    mine.write_bytes(b"someone's picture")
+    # Refused before the model is built: nothing written, the file as it was.
+    assert main(["explain", *CUSTOM, "--out", str(tmp_path), str(CAT)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert _lines(captured.err) == [
+        f"tfgcvit: error: {mine} exists; pass --overwrite to replace it, or choose another --out"]
+    assert mine.read_bytes() == b"someone's picture" and sorted(tmp_path.iterdir()) == [mine]
+
+    assert main(["explain", *CUSTOM, "--overwrite", "--out", str(tmp_path), str(CAT)]) == 0
+    with Image.open(mine) as picture:
+        assert picture.format == "PNG" and picture.size[0] == 6 * 224
+    # Written beside it and moved into place: no temporary file is left.
+    assert sorted(tmp_path.iterdir()) == [mine]
+
+
+@pytest.mark.parametrize("text", ["\u00b2", "\u0661", "10"])  # superscript two, Arabic-Indic one, beyond 0..9
+def test_command_class_that_is_no_index_is_one_line(text, capsys):
+    from tfgcvit.cli import main
+
+    assert main(["explain", *CUSTOM, "--class", text, str(CAT)]) == 1
+    captured = capsys.readouterr()
+    expected = ("--class 10: the model has 10 classes (0..9)" if text == "10" else
+                f"--class {text!r}: no such class label; pass a class index or a label such as '0'")
+    assert captured.out == "" and captured.err == f"tfgcvit: error: {expected}\n"

@@ -174,19 +174,15 @@ def test_onnx_runs_in_onnxruntime_with_dynamic_batch_and_size(fixture_state_dict
 
 @only_tensorflow
 def test_keras_own_onnx_export_runs_in_onnxruntime(dynamic_model, cases, tmp_path):
-    """`model.export(format="onnx")` itself (tf2onnx), no tfgcvit helper: no Erfc, no row halves."""
+    """`model.export(format="onnx")` itself (tf2onnx), no tfgcvit helper: no Erfc."""
     onnx = pytest.importorskip("onnx")
     onnxruntime = pytest.importorskip("onnxruntime")
     pytest.importorskip("tf2onnx")
-    from tfgcvit.model import tuning
-
     path = tmp_path / "keras_own.onnx"
-    with tuning.disabled():
-        dynamic_model.export(str(path), format="onnx", verbose=False)
+    dynamic_model.export(str(path), format="onnx", verbose=False)
     graph = onnx.load(str(path)).graph
     op_types = {node.op_type for node in graph.node}
     assert "Erf" in op_types and not {"Erfc", "If"} & op_types
-    assert not any("row_halves" in node.name for node in graph.node)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (feed,) = session.get_inputs()
     assert not any(isinstance(size, int) for size in feed.shape[:3])  # dynamic batch, height, width

@@ -127,6 +127,24 @@ def test_size_typo_is_refused_before_any_work(runs):
     assert "memory grows" in lines[0]
 
 
+@pytest.mark.parametrize("arguments, message", [
+    (["--size", "abc"], "argument --size: expected a whole number of pixels, 32..2048; got 'abc'"),
+    (["--size", "\u00b2"], "argument --size: expected a whole number of pixels, 32..2048; got '\u00b2'"),
+    (["--batch-size", "0"], "argument --batch-size: expected a whole number, 1 or more; got '0'"),
+    (["--top", "five"], "argument --top: expected a whole number, 1 or more; got 'five'"),
+    (["--workers", "-2"], "argument --workers: expected a whole number, 1 or more; got '-2'"),
+    (["--classes", "1.5"], "argument --classes: expected a whole number, 1 or more; got '1.5'"),
+    (["--crop-pct", "abc"], "argument --crop-pct: expected a number in (0, 1], such as 0.875; got 'abc'"),
+    (["--crop-pct", "nan"], "argument --crop-pct: expected a number in (0, 1], such as 0.875; got 'nan'"),
+])
+def test_malformed_numbers_are_one_usage_line_that_names_the_option(arguments, message, capsys):
+    # argparse would otherwise name the parsing function: "invalid _input_size value: 'abc'".
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", *arguments, *CUSTOM, str(PHOTO)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"tfgcvit predict: error: {message} (see `tfgcvit predict --help`)\n"
+
+
 @pytest.mark.parametrize("size", ["16", str(MAX_INPUT_SIZE + 1)])
 def test_sizes_outside_the_limits_are_usage_errors(size, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -342,6 +360,23 @@ def test_fifo_in_a_class_folder_is_reported_and_the_rest_evaluated(tmp_path, cap
                       "tfgcvit: error: 1 of 2 images could not be read and were left out of the accuracy"]
 
 
+def test_symlink_loops_in_the_data_are_reported_and_the_rest_evaluated(tmp_path, capsys):
+    (tmp_path / "0").mkdir()
+    (tmp_path / "0" / "cat.jpg").write_bytes(PHOTO.read_bytes())
+    (tmp_path / "0" / "loop.jpg").symlink_to("loop.jpg")  # is_dir() raises ELOOP
+    (tmp_path / "3").symlink_to("3")  # a class folder that is a loop
+    (tmp_path / "loop").symlink_to("loop")  # not a class name: ignored, like files beside the class folders
+    assert main(["evaluate", str(tmp_path), "--json", *CUSTOM]) == 1
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert (result["images"], result["failed"]) == (1, 2)
+    errors = [line for line in captured.err.splitlines() if line.startswith("tfgcvit: error:")]
+    loop_error = "cannot open the file (Too many levels of symbolic links)"
+    assert errors == [f"tfgcvit: error: {tmp_path / '0' / 'loop.jpg'}: {loop_error}",
+                      f"tfgcvit: error: {tmp_path / '3'}: {loop_error}",
+                      "tfgcvit: error: 2 of 3 images could not be read and were left out of the accuracy"]
+
+
 # ---------------------------------------------------------------------------
 # Files written into the cache follow the umask; interrupted writes leave nothing.
 
@@ -372,6 +407,25 @@ def test_pending_temporaries_are_removed_on_interrupt(tmp_path):
     assert list(tmp_path.iterdir()) == [] and not download._PENDING
 
 
+def test_temporaries_are_pending_from_the_moment_they_exist(tmp_path, monkeypatch):
+    # A SIGINT between the creation and the registration would leave the file behind.
+    real_open, real_mkdir, pending_at_creation = os.open, os.mkdir, []
+
+    def spy(create):
+        def wrapper(path, *args, **kwargs):
+            pending_at_creation.append(path in download._PENDING)
+            return create(path, *args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(os, "open", spy(real_open))
+    monkeypatch.setattr(os, "mkdir", spy(real_mkdir))
+    with download.replaced_atomically(str(tmp_path / "picture.png"), suffix=".png"):
+        pass
+    with download.replaced_atomically(str(tmp_path / "gcvit"), suffix=".savedmodel", folder=True):
+        pass
+    assert pending_at_creation == [True, True] and not download._PENDING
+
+
 def test_pending_temporary_folders_are_removed_on_interrupt(tmp_path):
     destination = tmp_path / "gcvit"  # a SavedModel (tfgcvit export)
     with pytest.raises(KeyboardInterrupt):
@@ -385,13 +439,13 @@ def test_pending_temporary_folders_are_removed_on_interrupt(tmp_path):
     assert list(tmp_path.iterdir()) == [] and not download._PENDING
 
 
-def _interrupt_when(process, ready, timeout=240):
-    """Sends SIGINT to `process` once `ready()` holds; returns (exit code, stderr)."""
+def _interrupt_when(process, ready, timeout=240, poll=0.2):
+    """Sends SIGINT to `process` once `ready()` holds (polled every `poll` s); gives (code, stderr)."""
     deadline = time.monotonic() + timeout
     while not ready():
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, "the command never got to work"
-        time.sleep(0.2)
+        time.sleep(poll)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     return process.returncode, stderr
@@ -424,3 +478,24 @@ def test_sigint_exits_130_with_one_line_and_no_partial_file(tmp_path, command):
     assert messages(stderr) == ["tfgcvit: error: interrupted"]
     assert [path.name for path in checkpoints.iterdir()] == ["big.pth.tar.lock"]  # no partial download
     assert not destination.exists() and not destination.parent.exists()
+
+
+def test_sigint_while_explain_writes_a_picture_leaves_no_partial_file(tmp_path):
+    out = tmp_path / "maps"
+    # At 448 x 448 a picture (2688 x 506, 1.5 MB) took 1 s to write here: long enough to be interrupted in it.
+    arguments = ["explain", *CUSTOM, "--size", "448", "--batch-size", "1", "--out", str(out),
+                 *[str(PHOTO)] * 4]
+    process = subprocess.Popen([sys.executable, "-m", "tfgcvit", *arguments], cwd=REPO, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        # Interrupted as soon as the first file appears: the picture being written.
+        code, stderr = _interrupt_when(process, lambda: out.is_dir() and any(out.iterdir()), poll=0.001)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert code == 130, stderr
+    assert messages(stderr) == ["tfgcvit: error: interrupted"]
+    for path in out.iterdir():  # pictures finished before the interrupt, whole; no temporary file
+        assert path.name in {"cat_explain.png", "cat_explain_2.png", "cat_explain_3.png"}, path.name
+        with Image.open(path) as picture:
+            picture.load()

@@ -79,7 +79,8 @@ CONVOLUTIONS = {
 
 @pytest.mark.parametrize("name", list(CONVOLUTIONS))
 def test_conv_equals_the_layers_own_call(name):
-    """`layers._conv` (a channels-first view on PyTorch, shifted taps on JAX's CPU) is the layer's result."""
+    """`layers._conv` (in the form `tfgcvit.model.forms` chooses: a channels-first view on PyTorch,
+    shifted taps on JAX's CPU) is the layer's result."""
     conv = CONVOLUTIONS[name]()
     x = keras.ops.convert_to_tensor(np.random.default_rng(1).normal(size=(2, 11, 9, 4)).astype("float32"))
     conv.build(x.shape)
@@ -126,11 +127,13 @@ def test_one_column_of_windows_traces_no_transpose():
     assert transposes((None, 7, 21, 3)) == 2
 
 
-def test_max_pool_equals_keras_max_pool():
-    x = keras.ops.convert_to_tensor(np.random.default_rng(3).normal(size=(2, 13, 10, 4)).astype("float32"))
-    expected = keras.ops.max_pool(x, pool_size=3, strides=2, padding="valid")
-    ours = layers._max_pool_3x3_stride2(x)
-    np.testing.assert_array_equal(keras.ops.convert_to_numpy(ours), keras.ops.convert_to_numpy(expected))
+def test_max_pool_equals_pytorch_max_pool():
+    """`layers._max_pool` is PyTorch's MaxPool2d(3, 2, padding=1), in every backend's form."""
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(3).normal(size=(2, 13, 10, 4)).astype("float32")
+    expected = torch.nn.functional.max_pool2d(torch.from_numpy(x).permute(0, 3, 1, 2), 3, 2, padding=1)
+    ours = layers._max_pool(keras.ops.convert_to_tensor(x))
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(ours), expected.permute(0, 2, 3, 1).numpy())
     if keras.backend.backend() == "torch":
         assert ours.is_contiguous()
 
@@ -168,67 +171,8 @@ def test_conv_makes_no_layout_copy_on_torch():
         conv.build(tuple(x.shape))
         assert activation_copies(conv, x) >= 2  # Keras' own call: to channels-first memory and back
         assert activation_copies(lambda v: layers._conv(conv, v), x) == 0
-    assert activation_copies(lambda v: keras.ops.max_pool(v, 3, 2), x) >= 1
-    assert activation_copies(layers._max_pool_3x3_stride2, x) == 0
-
-
-def _count_layer_calls(monkeypatch):
-    calls = []
-    keras_call = keras.layers.Layer.__call__
-
-    def counting(layer, *args, **kwargs):
-        calls.append(layer.name)
-        return keras_call(layer, *args, **kwargs)
-
-    monkeypatch.setattr(keras.layers.Layer, "__call__", counting)
-    return calls
-
-
-def test_sublayers_skip_keras_call_machinery_on_torch_only(monkeypatch):
-    """`layers._call`: on PyTorch a model's predict goes through Keras' `Layer.__call__` only for
-    the functional model's own layers (about 60 us of Python each); the results are those of
-    Keras' calls. TensorFlow and JAX keep every call."""
-    from conftest import FIXTURE_CONFIG
-    from tfgcvit import GCViT
-
-    model = GCViT(**dict(FIXTURE_CONFIG, depths=(1, 2, 1, 1)), input_shape=(64, 64, 3))
-    x = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype("float32")
-    top_level = {model.name} | {layer.name for layer in model.layers}
-
-    calls = _count_layer_calls(monkeypatch)
-    ours = model.predict_on_batch(x)
-    eager_calls = list(calls)
-    monkeypatch.setattr(layers, "_call", lambda layer, *args, **kwargs: layer(*args, **kwargs))
-    expected = model.predict_on_batch(x)
-
-    np.testing.assert_array_equal(ours, expected)
-    if keras.backend.backend() == "torch":
-        assert set(eager_calls) <= top_level and eager_calls
-    else:  # traced once, at the first predict, with every sublayer call
-        assert set(eager_calls) - top_level
-
-
-@pytest.mark.parametrize("reason", ["quantized", "other dtype"])
-def test_sublayer_shortcut_keeps_keras_call_where_it_does_work(reason):
-    """Where Keras' `__call__` does more than call `call` (quantised kernels, casting inputs
-    to the layer's dtype), `layers._call` is Keras' call."""
-    x = np.random.default_rng(1).normal(size=(4, 8)).astype("float32")
-    if reason == "quantized":
-        dense = keras.layers.Dense(16)
-        dense.build((None, 8))
-        float_output = keras.ops.convert_to_numpy(dense(x))
-        dense.quantize("int8")
-    else:
-        dense = keras.layers.Dense(16, dtype="bfloat16")
-        dense.build((None, 8))
-    x = keras.ops.convert_to_tensor(x)
-    ours, keras_own = layers._call(dense, x), dense(x)
-    assert keras.backend.standardize_dtype(ours.dtype) == keras.backend.standardize_dtype(keras_own.dtype)
-    np.testing.assert_array_equal(keras.ops.convert_to_numpy(ours), keras.ops.convert_to_numpy(keras_own))
-    if reason == "quantized":
-        assert not np.array_equal(keras.ops.convert_to_numpy(ours), float_output)
-    else:
-        assert keras.backend.standardize_dtype(ours.dtype) == "bfloat16"
+    keras_pool = activation_copies(lambda v: keras.ops.max_pool(layers._pad(v, 1, float("-inf")), 3, 2), x)
+    assert activation_copies(layers._max_pool, x) < keras_pool  # Keras' copy to channels-first memory
 
 
 @pytest.mark.parametrize("shape", [(96, 288), (3, 3, 64, 128), (3, 3, 256, 1)], ids=["dense", "conv", "depthwise"])

@@ -1,67 +1,18 @@
 """Keras 3 Global Context Vision Transformer (GC ViT), numerically identical to the official models.
 
 The public names are imported lazily (PEP 562), so that the command line can
-configure logging before TensorFlow and Keras load. The keras-hub classes
+configure logging before TensorFlow and Keras load. `import tfgcvit` changes
+nothing outside the package (no import hooks). The keras-hub classes
 (`GCViTBackbone`, `GCViTImageClassifier`, ...) and the `gcvit_*` presets are
-registered with keras-hub as soon as keras-hub is imported, before or after
-tfgcvit, so `keras_hub.models.ImageClassifier.from_preset("gcvit_tiny_imagenet")`
-works; keras-hub itself is never imported by `import tfgcvit`.
+registered with keras-hub when `tfgcvit.hub` is imported: by `import tfgcvit.hub`,
+or by the first use of one of those names; after that
+`keras_hub.models.ImageClassifier.from_preset("gcvit_tiny_imagenet")` works.
 """
 
 import importlib
-import importlib.abc
-import importlib.util
-import os
-import sys
-import warnings
 
 __version__ = "3.0.0"
 
-
-class _NoJaxOutsideItsBackend(importlib.abc.MetaPathFinder):
-    """Keeps TensorFlow and Keras from importing JAX where the Keras backend is not JAX.
-
-    With JAX installed (the `[test]` extras install it), TensorFlow 2.21 and
-    Keras 3.15 import it at their own import although a TensorFlow or PyTorch
-    process never uses it: `tensorflow/lite/python/util.py` (`from jax import
-    jit`, used only by `TFLiteConverter.experimental_from_jax`) and
-    `keras/src/callbacks/orbax_checkpoint.py` (a shim for old JAX versions).
-    That costs about 140 MiB of resident memory. Both imports already handle a
-    missing JAX, so this finder answers "not found" to them, and to them only:
-    every other import of JAX, and these under the JAX backend, go through as
-    usual. It acts when TensorFlow and Keras are imported after `tfgcvit` (as
-    `tfgcvit.GCViT` and every submodule do); a process that imported them
-    first has JAX loaded already.
-    """
-
-    IMPORTERS = ("tensorflow.lite.python.util", "keras.src.callbacks.orbax_checkpoint")
-
-    def find_spec(self, name, path=None, target=None):
-        if name != "jax" or _keras_backend() == "jax" or not self._imported_by_listed_module():
-            return None
-        raise ModuleNotFoundError(
-            "tfgcvit keeps JAX out of processes whose Keras backend is not JAX", name=name
-        )
-
-    def _imported_by_listed_module(self):
-        frame = sys._getframe(1)
-        while frame is not None:
-            if frame.f_globals.get("__name__") in self.IMPORTERS:
-                return True
-            frame = frame.f_back
-        return False
-
-
-def _keras_backend():
-    """The Keras backend, read without importing Keras (or from it once loaded)."""
-    config = sys.modules.get("keras.src.backend.config")
-    if config is not None and hasattr(config, "backend"):
-        return config.backend()
-    return os.environ.get("KERAS_BACKEND", "tensorflow")
-
-
-if not any(isinstance(finder, _NoJaxOutsideItsBackend) for finder in sys.meta_path):
-    sys.meta_path.insert(0, _NoJaxOutsideItsBackend())
 
 _EXPORTS = {
     "GCViT": "tfgcvit.model.gcvit",
@@ -105,36 +56,3 @@ def __getattr__(name):
 
 def __dir__():
     return sorted(set(globals()) | set(_EXPORTS))
-
-
-def _register_with_keras_hub():
-    try:
-        importlib.import_module("tfgcvit.hub")
-    except ImportError as error:  # e.g. a keras-hub too old for tfgcvit.hub
-        warnings.warn(f"tfgcvit's GC ViT models are not registered with keras-hub: {error}", stacklevel=2)
-
-
-class _AfterKerasHubImport(importlib.abc.MetaPathFinder):
-    """Runs `_register_with_keras_hub` right after `keras_hub` is first imported."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name != "keras_hub":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.loader is None:
-            return spec
-        execute = spec.loader.exec_module
-
-        def exec_module(module):
-            execute(module)
-            _register_with_keras_hub()
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
-if sys.modules.get("keras_hub") is not None:
-    _register_with_keras_hub()
-elif importlib.util.find_spec("keras_hub") is not None:
-    sys.meta_path.insert(0, _AfterKerasHubImport())

@@ -9,8 +9,10 @@ unexpected error. docs/input_limits.md lists the limits enforced on inputs.
 """
 
 import argparse
+import collections
 import concurrent.futures
 import contextlib
+import errno
 import importlib
 import itertools
 import json
@@ -28,12 +30,16 @@ import warnings
 from tfgcvit.config import (
     ALIASES,
     DEFAULT_CROP_PCT,
+    MAX_INPUT_SIZE,
     OFFICIAL_ARGUMENT_NAMES,
     VARIANTS,
     WEIGHTS_LICENSE,
     architecture,
     architecture_from_official_arguments,
+    check_input_size,
+    input_size_argument,
     parameter_count,
+    whole_number,
 )
 
 PROG = "tfgcvit"
@@ -41,11 +47,6 @@ DEFAULT_MODEL = "tiny"
 CUSTOM_MODEL = "custom"
 CUSTOM_CONFIG_KEYS = (*OFFICIAL_ARGUMENT_NAMES, "num_classes")
 TFDS_PREFIX = "tfds:"
-# The largest --size (or custom config "res"): 4x the 512 pixels of the largest
-# official model. Activations grow with size ** 2 (at 2048, 16x those of the
-# 512 model, 84x those at 224), and accuracy falls far from the trained size; a
-# size beyond this is a typo rather than a plan (100000 grew to 8.7 GB and on).
-MAX_INPUT_SIZE = 2048
 # 128 + SIGINT, what shells report for a command killed by Ctrl-C.
 INTERRUPTED_EXIT_CODE = 130
 
@@ -116,16 +117,11 @@ def _import_keras():
 
 
 def _check_input_size(size, what):
-    """Raises CommandError unless `size` is one the model can serve (see MAX_INPUT_SIZE)."""
-    from tfgcvit.model.gcvit import MIN_SIZE
-
-    if not MIN_SIZE <= size <= MAX_INPUT_SIZE:
-        raise CommandError(
-            f"{what} {size} is outside {MIN_SIZE}..{MAX_INPUT_SIZE}: the network downsamples by {MIN_SIZE}, "
-            f"and beyond {MAX_INPUT_SIZE} (4x the largest official model's 512) memory grows with size^2 "
-            "to many GB per image"
-        )
-    return size
+    """Raises CommandError unless `size` is one the model can serve (see config.MAX_INPUT_SIZE)."""
+    try:
+        return check_input_size(size, what)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
 
 
 def _read_custom_config(path):
@@ -367,6 +363,14 @@ def _predict(args):
 # evaluate --------------------------------------------------------------------
 
 
+def _is_folder(entry):
+    """True or False; None when it cannot be told (a symbolic-link loop: stat fails with ELOOP)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return None
+
+
 def list_image_folder(root):
     """Lists (path, class index) for a folder laid out like ImageNet-v2.
 
@@ -374,7 +378,9 @@ def list_image_folder(root):
     ASCII digits (0, 1, ..., 999), each holding that class's image files.
     Hidden entries, subfolders of class folders and files directly in `root`
     are ignored; anything else in a class folder is listed, so that what is not
-    a readable image is reported rather than silently skipped.
+    a readable image is reported rather than silently skipped. So is a class
+    folder that cannot be opened (a symbolic-link loop named 3): it is listed
+    as one item, reported when read, and the other classes are evaluated.
 
     Returns:
         A list of (path, label), sorted by class index then file name.
@@ -386,7 +392,8 @@ def list_image_folder(root):
         raise CommandError(f"{root}: no such folder")
     if not os.path.isdir(root):
         raise CommandError(f"{root}: not a folder (expected subfolders 0, 1, ... of images, or tfds:imagenet_v2)")
-    folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+    kinds = {entry.name: _is_folder(entry) for entry in os.scandir(root) if not entry.name.startswith(".")}
+    folders = sorted(name for name, kind in kinds.items() if kind)
     if not folders:
         raise CommandError(f"{root}: no class folders (expected subfolders named 0, 1, ... holding images)")
     # str.isdigit() also accepts other scripts' digits ("١") and superscripts.
@@ -397,11 +404,16 @@ def list_image_folder(root):
             + ", ".join(repr(name) for name in misnamed[:5])
             + (f" and {len(misnamed) - 5} more" if len(misnamed) > 5 else "")
         )
+    unreadable = [name for name, kind in kinds.items() if kind is None and name.isascii() and name.isdigit()]
     items = []
-    for name in sorted(folders, key=int):
+    for name in sorted(folders + unreadable, key=int):
         folder = os.path.join(root, name)
+        if name in unreadable:
+            items.append((folder, int(name)))
+            continue
+        # Entries that cannot be told (_is_folder None) are listed: reading them reports why.
         files = sorted(entry.name for entry in os.scandir(folder)
-                       if not entry.is_dir() and not entry.name.startswith("."))
+                       if _is_folder(entry) is not True and not entry.name.startswith("."))
         items.extend((os.path.join(folder, file), int(name)) for file in files)
     if not items:
         raise CommandError(f"{root}: the class folders hold no files")
@@ -565,6 +577,7 @@ def _add_explain_arguments(parser):
     parser.add_argument("--method", choices=METHODS, default="hirescam",
                         help="class-activation method (default: hirescam, equal to Grad-CAM for GC ViT's head)")
     parser.add_argument("--labels", help="text file with one class name per line, in class-index order")
+    parser.add_argument("--overwrite", action="store_true", help="replace pictures that exist in --out")
     _add_model_arguments(parser, batch_size=4)
     parser.set_defaults(handler=_explain)
 
@@ -572,8 +585,8 @@ def _add_explain_arguments(parser):
 def _class_from_argument(text, names):
     if text is None:
         return None
-    if text.strip().isdigit():
-        index = int(text)
+    index = whole_number(text)
+    if index is not None:
         if index >= len(names):
             raise CommandError(f"--class {text}: the model has {len(names)} classes (0..{len(names) - 1})")
         return index
@@ -593,14 +606,25 @@ def _summary(values):
             "mean": float(values.mean()), "peak": [int(peak[0]), int(peak[1])]}
 
 
-def _output_path(folder, image_path, used):
-    stem = os.path.splitext(os.path.basename(image_path))[0] or "image"
-    path, count = os.path.join(folder, f"{stem}_explain.png"), 1
-    while path in used:
-        count += 1
-        path = os.path.join(folder, f"{stem}_explain_{count}.png")
-    used.add(path)
-    return path
+def _output_paths(folder, image_paths, overwrite):
+    """One picture path per image, in order: `<stem>_explain.png`, `_2`, `_3` for a name used again.
+
+    Raises CommandError, before any work, when one of them exists and `overwrite` is false.
+    """
+    paths = []
+    for image_path in image_paths:
+        stem = os.path.splitext(os.path.basename(image_path))[0] or "image"
+        path, count = os.path.join(folder, f"{stem}_explain.png"), 1
+        while path in paths:
+            count += 1
+            path = os.path.join(folder, f"{stem}_explain_{count}.png")
+        paths.append(path)
+    existing = [path for path in paths if os.path.lexists(path)]
+    if existing and not overwrite:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise CommandError(
+            f"{existing[0]} exists{more}; pass --overwrite to replace it, or choose another --out")
+    return paths
 
 
 def _report(image_path, path, result, names, as_json):
@@ -620,10 +644,14 @@ def _explain(args):
     import numpy as np
 
     from tfgcvit import explain
+    from tfgcvit.weights.download import replaced_atomically
 
     resolved = _resolve_model(args)
     names = _class_names(resolved["classes"], args.labels)
     class_index = _class_from_argument(args.explain_class, names)
+    outputs = collections.defaultdict(collections.deque)  # image path -> its pictures' paths, in order
+    for image_path, path in zip(args.images, _output_paths(args.out, args.images, args.overwrite)):
+        outputs[image_path].append(path)
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as error:
@@ -633,11 +661,14 @@ def _explain(args):
     def explained(images):
         return explain.explain_images(model, np.stack(images), class_index, args.method)
 
-    records, used = [], set()
+    records = []
     for image_path, image, result in _image_outputs(args, resolved, records, explained):
-        path = _output_path(args.out, image_path, used)
+        path = outputs[image_path].popleft()
+        picture = explain.render(image, result, names)
         try:
-            explain.render(image, result, names).save(path)
+            # Beside the picture, then moved into place: an interrupt or a full disk leaves no half PNG.
+            with replaced_atomically(path, suffix=".png") as temporary:
+                picture.save(temporary, format="PNG")
         except OSError as error:
             raise CommandError(f"cannot write {path}: {error}") from None
         records.append(_report(image_path, path, result, names, args.json))
@@ -671,12 +702,50 @@ def _tflite_int8_options(args, export_format):
     return {"optimizations": [tf.lite.Optimize.DEFAULT]}
 
 
+def _check_destination(output, saved_model, overwrite):
+    """Refuses, before the model is built, a destination that the export could not (or may not) write."""
+    import tempfile
+
+    # lexists: a link to nothing is an entry too, and os.replace would replace it.
+    if os.path.lexists(output):
+        if saved_model and not _is_saved_model(output):
+            # --overwrite replaces a SavedModel folder whole, never another folder or a file.
+            raise CommandError(f"{output} exists and is not a SavedModel folder; choose another name")
+        if not saved_model and os.path.isdir(output):
+            raise CommandError(f"{output} is a folder; give a file name")
+        if not overwrite:
+            raise CommandError(f"{output} exists; pass --overwrite to replace it")
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise CommandError(f"{folder}: no such folder")
+    try:  # what the export needs there: to create a file (deleted again at once)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise CommandError(f"cannot write {output}: {error.strerror or error}") from None
+
+
+# What a write can fail with (a full disk, a quota, a folder that became read-only, ...).
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+
+
+def _write_failure(error):
+    """The C library's reason for a failed write: an OSError's, or the one TensorFlow's own errors
+    (a SavedModel's variables) quote in their message; None for any other error."""
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    text = str(error)
+    return next((os.strerror(code) for code in WRITE_ERRORS if os.strerror(code) in text), None)
+
+
 def _export(args):
     import keras
 
     from tfgcvit.export import BACKENDS, export_model, quantize_onnx
     from tfgcvit.weights.download import replaced_atomically
 
+    if not args.output.strip():
+        raise CommandError("OUTPUT is empty; name the file *.onnx (ONNX) or *.tflite (TFLite), or a folder "
+                           "for a TensorFlow SavedModel")
     output = args.output.rstrip("/") or args.output
     suffix = os.path.splitext(output)[1].lower()
     if suffix not in EXPORT_FORMATS:
@@ -687,17 +756,7 @@ def _export(args):
     if args.int8 and saved_model:
         raise CommandError("--int8 quantises ONNX and TFLite files; a SavedModel keeps float32 weights "
                            "(name the output *.onnx or *.tflite)")
-    if os.path.exists(output):
-        if saved_model and not _is_saved_model(output):
-            # --overwrite replaces a SavedModel folder whole, never another folder or a file.
-            raise CommandError(f"{output} exists and is not a SavedModel folder; choose another name")
-        if not saved_model and os.path.isdir(output):
-            raise CommandError(f"{output} is a folder; give a file name")
-        if not args.overwrite:
-            raise CommandError(f"{output} exists; pass --overwrite to replace it")
-    folder = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(folder):
-        raise CommandError(f"{folder}: no such folder")
+    _check_destination(output, saved_model, args.overwrite)
     # Checked before the model is built.
     backend = keras.backend.backend()
     if backend not in BACKENDS[export_format]:
@@ -708,20 +767,31 @@ def _export(args):
     # Any height and width unless --size fixes one (a fixed size runs faster in OpenVINO).
     input_shape = (None, None, 3) if args.size is None else (args.size, args.size, 3)
     model = _build_model(resolved, input_shape=input_shape, include_preprocessing=args.include_preprocessing)
-    with replaced_atomically(output, suffix=suffix or ".savedmodel", folder=saved_model) as temporary:
-        try:
-            with warnings.catch_warnings():
-                # Keras' tf2onnx shim checks for NumPy's removed `np.object` (a FutureWarning).
-                warnings.simplefilter("ignore", FutureWarning)
-                export_model(model, temporary, format=export_format, **_tflite_int8_options(args, export_format))
-            if args.int8 and export_format == "onnx":
-                with replaced_atomically(temporary, suffix=".int8" + suffix) as quantized:
-                    quantize_onnx(temporary, quantized)
-        except ValueError as error:
-            raise CommandError(str(error)) from None
-        except ImportError as error:  # tf2onnx, onnx or onnxruntime missing
-            extra = " (pip install 'tfgcvit[onnx]' installs what ONNX export needs)" if export_format == "onnx" else ""
-            raise CommandError(f"{error}{extra}") from None
+    try:
+        with replaced_atomically(output, suffix=suffix or ".savedmodel", folder=saved_model) as temporary:
+            try:
+                with warnings.catch_warnings():
+                    # Keras' tf2onnx shim checks for NumPy's removed `np.object` (a FutureWarning).
+                    warnings.simplefilter("ignore", FutureWarning)
+                    export_model(model, temporary, format=export_format,
+                                 **_tflite_int8_options(args, export_format))
+                if args.int8 and export_format == "onnx":
+                    with replaced_atomically(temporary, suffix=".int8" + suffix) as quantized:
+                        quantize_onnx(temporary, quantized)
+            except ValueError as error:
+                raise CommandError(str(error)) from None
+            except ImportError as error:  # tf2onnx, onnx or onnxruntime missing
+                extra = (" (pip install 'tfgcvit[onnx]' installs what ONNX export needs)"
+                         if export_format == "onnx" else "")
+                raise CommandError(f"{error}{extra}") from None
+    except CommandError:
+        raise
+    except Exception as error:  # noqa: BLE001  only failures to write are reported here
+        reason = _write_failure(error)
+        if reason is None:
+            raise
+        # Named by the user's path: the file being written was a hidden temporary one.
+        raise CommandError(f"cannot write {output}: {reason}") from None
     record = {"output": output, "format": export_format, "int8": args.int8,
               "include_preprocessing": args.include_preprocessing, "model": resolved["name"],
               "weights": resolved["weights"], "input_shape": [None, *input_shape],
@@ -810,24 +880,24 @@ def _delegate(module_name):
 # Command line ------------------------------------------------------------------
 
 
-def _input_size(text):
-    try:
-        return _check_input_size(int(text), "size")
-    except CommandError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+# Types of the options: an ArgumentTypeError gives `argument --OPTION: MESSAGE`
+# (see config.input_size_argument).
 
 
 def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text}")
+    value = whole_number(text)
+    if not value:
+        raise argparse.ArgumentTypeError(f"expected a whole number, 1 or more; got {text!r}")
     return value
 
 
 def _crop_pct(text):
-    value = float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1]; got {text}")
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], such as 0.875; got {text!r}")
     return value
 
 
@@ -845,7 +915,7 @@ def _add_model_arguments(parser, batch_size, size_help=None):
                              + ", optional res)")
     parser.add_argument("--classes", type=_positive_int,
                         help="classes of the checkpoint's head when it is not 1000 (variants only)")
-    parser.add_argument("--size", type=_input_size,
+    parser.add_argument("--size", type=input_size_argument,
                         help=size_help or f"input size, 32..{MAX_INPUT_SIZE} (default: the variant's native "
                                           "size, or the config's res)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")

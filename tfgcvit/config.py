@@ -8,11 +8,18 @@ from the hyper-parameters by one analytic walk of the architecture
 against the built models by the tests.
 """
 
+import argparse
 import numbers
 
 NUM_STAGES = 4
 # The network downsamples by 32; smaller images have no last-stage map.
 MIN_SIZE = 32
+# The largest input size the tools accept (--size, a custom config's "res", a preset's
+# image size): 4x the 512 pixels of the largest official model. Activations grow with
+# size ** 2 (at 2048, 16x those of the 512 model, 84x those at 224), and accuracy falls
+# far from the trained size; a size beyond this is a typo rather than a plan (100000 grew
+# to 8.7 GB and on).
+MAX_INPUT_SIZE = 2048
 LAYER_NORM_EPSILON = 1e-5
 # FeatExtract pooling flags of each stage's global query generator: the official
 # chain for every registered variant (56, 28, 14, 7 -> 7, 7, 14, 7 at 224).
@@ -289,3 +296,41 @@ def flop_count(config, height, width, classes=1000):
     """
     architecture = {key: config[key] for key in ARCHITECTURE_KEYS}
     return 2.0 * _walk(**architecture, height=height, width=width, classes=classes)[1]
+
+
+def check_input_size(size, what):
+    """Returns `size`, or raises ValueError unless the tools can serve it (MIN_SIZE..MAX_INPUT_SIZE)."""
+    if not MIN_SIZE <= size <= MAX_INPUT_SIZE:
+        raise ValueError(
+            f"{what} {size} is outside {MIN_SIZE}..{MAX_INPUT_SIZE}: the network downsamples by {MIN_SIZE}, "
+            f"and beyond {MAX_INPUT_SIZE} (4x the largest official model's 512) memory grows with size^2 "
+            "to many GB per image"
+        )
+    return size
+
+
+def whole_number(text):
+    """The int written in ASCII digits, or None (int() also reads "١", and str.isdigit() passes "²")."""
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()):
+        return None
+    try:
+        return int(text)
+    except ValueError:  # over Python's 4300 digits
+        return None
+
+
+def input_size_argument(text):
+    """argparse type of every --size option: `argument --size: MESSAGE` on bad input.
+
+    argparse names the type function in its message for a ValueError ("invalid
+    input_size_argument value: 'abc'"); an ArgumentTypeError gives the message alone.
+    """
+    size = whole_number(text)
+    if size is None:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number of pixels, {MIN_SIZE}..{MAX_INPUT_SIZE}; got {text!r}")
+    try:
+        return check_input_size(size, "size")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None

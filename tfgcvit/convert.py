@@ -1,7 +1,9 @@
 """Converting a PyTorch GC ViT checkpoint (official or timm layout) to a Keras `.weights.h5` file.
 
-Used by `tfgcvit convert SRC DST [--variant NAME] [--ema]`: the CLI calls
-`add_arguments` on its subparser and `main` with the parsed arguments.
+Used by `tfgcvit convert SRC DST [--variant NAME] [--ema] [--overwrite]`: the
+CLI calls `add_arguments` on its subparser and `main` with the parsed arguments.
+Nothing existing is replaced without `--overwrite` (`overwrite=True`), and then
+only a file, or a folder that is a preset (`tfgcvit.hub.check_preset_destination`).
 """
 
 import os
@@ -9,8 +11,23 @@ import re
 import sys
 
 from tfgcvit.weights.checkpoint import CheckpointError, read_checkpoint
-from tfgcvit.config import ARCHITECTURE_KEYS, NUM_STAGES, VARIANTS, find_variant, variant_name
-from tfgcvit.weights.download import DownloadError, fetch, replaced_atomically
+from tfgcvit.config import (
+    ARCHITECTURE_KEYS,
+    MAX_INPUT_SIZE,
+    NUM_STAGES,
+    VARIANTS,
+    check_input_size,
+    find_variant,
+    input_size_argument,
+    variant_name,
+)
+from tfgcvit.weights.download import (
+    DownloadError,
+    check_free_space,
+    fetch,
+    replaced_atomically,
+    weights_file_bytes,
+)
 from tfgcvit.model.gcvit import get_constructor
 from tfgcvit.weights.resize import table_window_size
 from tfgcvit.weights.mapping import WeightsMismatchError, load_torch_weights, to_official_layout
@@ -97,7 +114,7 @@ def detect_variant(state_dict):
     )
 
 
-def convert(src, dst, variant=None, entry="state_dict"):
+def convert(src, dst, variant=None, entry="state_dict", overwrite=False):
     """Converts a PyTorch GC ViT checkpoint to a Keras `.weights.h5` file.
 
     Args:
@@ -106,11 +123,14 @@ def convert(src, dst, variant=None, entry="state_dict"):
         dst: output path; must end in `.weights.h5` (Keras 3's weights format).
         variant: the official variant name; detected from the tensor shapes when None.
         entry: the training-checkpoint entry to read ("state_dict" or "state_dict_ema").
+        overwrite: replace `dst` if it exists (a file; never a folder).
 
     Returns:
         A dict describing the result: src, dst, variant, classes, entry.
 
     Raises:
+        FileExistsError: `dst` exists and `overwrite` is False, or it is a folder.
+        OSError: `dst` cannot be written; the message names it and why.
         ValueError: `dst` does not end in `.weights.h5`, or the variant is unknown.
         UnknownVariantError: no official variant matches the checkpoint.
         CheckpointError: the checkpoint cannot be read.
@@ -123,6 +143,7 @@ def convert(src, dst, variant=None, entry="state_dict"):
             f"The output {dst!r} must end in '.weights.h5' (the Keras 3 weights format), "
             f"e.g. {os.path.splitext(dst)[0]}.weights.h5."
         )
+    _check_file_destination(dst, overwrite)
     src = os.fspath(src)
     state_dict = _read_source(src, entry)
     if variant is None:
@@ -138,10 +159,23 @@ def convert(src, dst, variant=None, entry="state_dict"):
     del state_dict
 
     # Written next to the destination, then moved: a failed save leaves no half file.
-    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    with replaced_atomically(dst, suffix=".tmp.weights.h5") as temporary:
-        model.save_weights(temporary)
+    check_free_space(dst, weights_file_bytes(model.weights))
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+        with replaced_atomically(dst, suffix=".tmp.weights.h5") as temporary:
+            model.save_weights(temporary)
+    except OSError as error:
+        # The error names the hidden temporary file, or nothing (HDF5's): name the destination.
+        reason = os.strerror(error.errno) if error.errno else " ".join(str(error).split())
+        raise OSError(f"cannot write {dst}: {reason}") from None
     return dict(src=src, dst=dst, variant=variant, classes=classes, entry=entry)
+
+
+def _check_file_destination(dst, overwrite):
+    if os.path.isdir(dst):
+        raise FileExistsError(f"{dst} is a folder; give a file name")
+    if os.path.lexists(dst) and not overwrite:  # lexists: a broken symbolic link is there too
+        raise FileExistsError(f"{dst} exists; pass --overwrite (overwrite=True) to replace it")
 
 
 def _read_source(src, entry):
@@ -150,7 +184,8 @@ def _read_source(src, entry):
     return to_official_layout(read_checkpoint(path, entry=entry))
 
 
-def convert_to_preset(src, directory, task="classifier", variant=None, entry="state_dict", image_size=None):
+def convert_to_preset(src, directory, task="classifier", variant=None, entry="state_dict", image_size=None,
+                      overwrite=False):
     """Converts a PyTorch GC ViT checkpoint to a keras-hub preset directory.
 
     The directory (config.json, model.weights.h5, metadata.json; for a
@@ -162,20 +197,29 @@ def convert_to_preset(src, directory, task="classifier", variant=None, entry="st
 
     Args:
         src: path or http(s) URL of an official or timm checkpoint.
-        directory: the preset directory to write (replaced atomically if it exists).
+        directory: the preset directory to write (atomically: all files or none).
         task: "classifier" (backbone, head and preprocessor) or "backbone".
         variant: the official variant, to check the checkpoint against; detected when None.
         entry: "state_dict" or "state_dict_ema".
-        image_size: the preprocessor's input size; default the variant's (224 otherwise).
+        image_size: the preprocessor's input size, 32..2048; default the variant's (224 otherwise).
+        overwrite: replace `directory` if it is a preset folder (or empty); any
+            other existing entry is refused, with or without it.
 
     Returns:
         A dict describing the result: src, preset, task, variant (None for a
         custom architecture), classes, entry.
+
+    Raises:
+        FileExistsError: `directory` exists and may not be replaced.
+        OSError: it cannot be written; the message names it and why.
     """
     from tfgcvit import hub
 
     if task not in ("classifier", "backbone"):
         raise ValueError(f"`task` must be 'classifier' or 'backbone'; got {task!r}.")
+    if image_size is not None:
+        check_input_size(image_size, "image_size")
+    hub.check_preset_destination(directory, overwrite)  # before the conversion, which takes a while
     state_dict = _read_source(src, entry)
     config = detect_config(state_dict)
     detected = find_variant(**{key: config[key] for key in ARCHITECTURE_KEYS}, exact=True)
@@ -197,11 +241,11 @@ def convert_to_preset(src, directory, task="classifier", variant=None, entry="st
                 "write a backbone preset with --task backbone."
             )
         record = _registry_record(detected)
-        size = image_size or (record["input_size"] if record else 224)
+        size = image_size if image_size is not None else (record["input_size"] if record else 224)
         crop_mode = record["crop_mode"] if record else "center"
         model = hub.build_classifier(arguments, config["classes"], size, crop_mode, state_dict)
     del state_dict
-    hub.save_preset(model, directory)
+    hub.save_preset(model, directory, overwrite=overwrite)
     return dict(src=os.fspath(src), preset=os.fspath(directory), task=task, variant=detected,
                 classes=config["classes"], entry=entry)
 
@@ -221,8 +265,9 @@ def add_arguments(parser):
                         help="write a keras-hub preset directory instead (any GC ViT architecture)")
     parser.add_argument("--task", choices=("classifier", "backbone"), default="classifier",
                         help="with --preset: an ImageClassifier preset (default) or a backbone-only one")
-    parser.add_argument("--size", type=int, default=None,
-                        help="with --preset: the preprocessor's input size (default: the variant's, else 224)")
+    parser.add_argument("--size", type=input_size_argument, default=None,
+                        help=f"with --preset: the preprocessor's input size, 32..{MAX_INPUT_SIZE} "
+                             "(default: the variant's, else 224)")
     parser.add_argument(
         "--variant",
         default=None,
@@ -231,6 +276,8 @@ def add_arguments(parser):
     parser.add_argument(
         "--ema", action="store_true", help="convert the EMA weights (state_dict_ema) instead of state_dict"
     )
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace DST, or the --preset folder if it is a preset (or empty)")
     return parser
 
 
@@ -242,9 +289,9 @@ def main(args):
             raise ValueError("give either DST (a .weights.h5 file) or --preset DIR, not both or neither")
         if args.preset is not None:
             result = convert_to_preset(args.src, args.preset, task=args.task, variant=args.variant,
-                                       entry=entry, image_size=args.size)
+                                       entry=entry, image_size=args.size, overwrite=args.overwrite)
         else:
-            result = convert(args.src, args.dst, variant=args.variant, entry=entry)
+            result = convert(args.src, args.dst, variant=args.variant, entry=entry, overwrite=args.overwrite)
     except (CheckpointError, DownloadError, WeightsMismatchError, ValueError, OSError) as error:
         print(f"tfgcvit convert: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1

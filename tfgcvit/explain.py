@@ -12,8 +12,12 @@ main function):
   Pillow image.
 
 Command line: ``tfgcvit explain IMAGE... [--class NAME|INDEX] [--out DIR]``
-writes one PNG per image (the CLI calls `add_arguments` on its subparser and
-`main` with the parsed arguments). See docs/explain.md.
+writes one PNG per image (`tfgcvit.cli`). See docs/explain.md.
+
+The model normalises the pixels itself when built with
+`include_preprocessing=True` (`_takes_pixels`); else they are normalised here.
+A model without a head (`include_top=False`) is refused: its pooled features
+have the shape of class scores but are none.
 
 The maps:
 
@@ -140,16 +144,20 @@ def _parts(model):
     last = model.layers[-1]
     # Gradients of logits, not of softmax probabilities (those saturate).
     logits = last.input if isinstance(last, keras.layers.Activation) else model.outputs[0]
-    if len(logits.shape) != 2:
+    # A class score needs weights after the final norm (a head): include_top=False
+    # with pooling="avg" or "max" also outputs (batch, channels), pooled features.
+    head = keras.Model(features, logits) if len(logits.shape) == 2 else None
+    if head is None or not head.weights:
         raise ValueError(
-            f"explain needs a model with class scores (batch, classes); model {model.name!r} "
-            f"outputs shape {tuple(logits.shape)} (build it with include_top=True)."
+            f"explain needs class scores (batch, classes); model {model.name!r} outputs "
+            f"{'pooled ' if head is not None else ''}features of shape {tuple(logits.shape)} with no "
+            f"classification layer after the final norm. Pass a classifier: the model built with "
+            f"include_top=True, or this model with your own head on top."
         )
     # The stages run twice (once in the model, once here): simpler than rewiring
     # the model, and cheap next to compiling it.
     stages = [_StageAttention(level)(level.input) for level in levels]
     explainer = keras.Model(_image_input(model), {"features": features, "stages": stages})
-    head = keras.Model(features, logits)
     parts = (explainer, head)
     for part in parts:
         # `predict_on_batch` compiles with jax.jit: JAX's op-by-op execution
@@ -158,6 +166,16 @@ def _parts(model):
         part.run_eagerly = keras.backend.backend() != "jax"
     _PARTS[model] = parts
     return parts
+
+
+def _takes_pixels(model):
+    """Whether `model` normalises its input itself (built with `include_preprocessing=True`).
+
+    Such a model has its `preprocessing` layer between the image input and the
+    stem, `patch_embed`: it takes RGB pixels in [0, 255]. Otherwise the stem
+    reads the input, which must be normalised with `tfgcvit.preprocess_input`.
+    """
+    return model.get_layer("patch_embed").input is not model.inputs[0]
 
 
 def _check_images(model, images):
@@ -188,8 +206,9 @@ def global_attention(model, inputs):
 
     Args:
         model: a GC ViT classifier built by tfgcvit (any input size).
-        inputs: preprocessed images (batch, height, width, 3), as from
-            `tfgcvit.preprocess_input`.
+        inputs: what the model takes (batch, height, width, 3): images
+            normalised with `tfgcvit.preprocess_input`, or RGB pixels in
+            [0, 255] for a model built with `include_preprocessing=True`.
 
     Returns:
         One dict per stage with "size" (the stage's feature map height and
@@ -314,11 +333,13 @@ def explain_images(model, images, class_index=None, method="hirescam"):
     """Class-activation and global-attention maps of a batch of images.
 
     Args:
-        model: a GC ViT classifier built by tfgcvit (`include_top=True`), on
-            any backend. Models built with `input_shape=(None, None, 3)` take
-            any image size; others need images of their input size.
+        model: a GC ViT classifier built by tfgcvit (`include_top=True`, or
+            a backbone with your own head), on any backend, with or without
+            `include_preprocessing`. Models built with `input_shape=(None,
+            None, 3)` take any image size; others need images of their input size.
         images: RGB images (batch, height, width, 3) with values in [0, 255],
-            uint8 or float; they are normalised with `tfgcvit.preprocess_input`.
+            uint8 or float; they are normalised with `tfgcvit.preprocess_input`
+            (or by the model's own layer, built with `include_preprocessing=True`).
         class_index: the class to explain: None (each image's top class), an
             int, or one int per image.
         method: "hirescam" (default; for GC ViT's own head equal to Grad-CAM)
@@ -338,16 +359,18 @@ def explain_images(model, images, class_index=None, method="hirescam"):
         "method": the class-activation method.
 
     Raises:
-        ValueError: not a GC ViT classifier, images of the wrong shape, or a
-            class index out of range.
+        ValueError: not a GC ViT classifier (also a model without a head,
+            `include_top=False`, whose pooled features are no class scores),
+            images of the wrong shape, or a class index out of range.
     """
     from tfgcvit.data.preprocessing import preprocess_input
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}.")
     images = _check_images(model, images)
-    inputs = preprocess_input(images)
     explainer, head = _parts(model)
+    # The pixels are normalised once: by the model's own layer, or here.
+    inputs = images.astype(np.float32) if _takes_pixels(model) else preprocess_input(images)
     outputs = explainer.predict_on_batch(inputs)
     features = np.asarray(outputs["features"], np.float32)
     logits = np.asarray(head.predict_on_batch(features), np.float32)

@@ -11,10 +11,10 @@ what to do instead when it does not. What works (and is tested):
 | "litert"         | tensorflow        | yes           | yes (resize the input tensor) |
 
 Dynamic height/width need a model built with `input_shape=(None, None, 3)`.
-Exports are traced without machine-specific tuning (`tfgcvit.model.tuning.disabled()`),
+Exports are traced with the layers' reference forms (`tfgcvit.model.forms.exporting`),
 so a file runs the same graph wherever it is served. Keras' own
 `model.export(path, format="onnx")` works too (after one call of the model);
-wrap it in `tfgcvit.model.tuning.disabled()` to keep the tuning out of the file.
+wrap it in `tfgcvit.model.forms.exporting("onnx")` for the same forms.
 `optimize_onnx` rewrites an ONNX file's layer norms and GELUs into the forms
 runtimes fuse, runs its attention batch first, cancels tf2onnx's transposes,
 splits the query/key/value projections and computes each shape once
@@ -30,7 +30,8 @@ import logging
 import keras
 import numpy as np
 
-from tfgcvit.model import tuning
+from tfgcvit.config import MIN_SIZE
+from tfgcvit.model import forms
 from tfgcvit.model.layers import SQRT_HALF
 
 FORMATS = ("tf_saved_model", "onnx", "litert")
@@ -61,14 +62,25 @@ OPTIONS = {
 MIN_ONNX_OPSET = 13
 # ONNX's LayerNormalization node exists from this opset on.
 LAYER_NORM_OPSET = 17
-MIN_SIZE = 32
 # ONNX operators (besides Random*) whose outputs may differ between two nodes with the same inputs.
 RANDOM_OPS = ("Bernoulli", "Dropout", "Multinomial")
 
 
+def _all_layers(model):
+    """The layers of `model` and of the models nested in it (Keras' public `layers` lists).
+
+    GC ViT's layers give their sub-layers their own dtype policy, so these tell a
+    mixed-precision model."""
+    found = []
+    for layer in model.layers:
+        found.append(layer)
+        if isinstance(layer, keras.Model):
+            found += _all_layers(layer)
+    return found
+
+
 def _check_float32(model, format):
-    dtypes = {layer.compute_dtype for layer in model._flatten_layers(include_self=False)
-              if hasattr(layer, "compute_dtype")}
+    dtypes = {layer.compute_dtype for layer in _all_layers(model)}
     dtypes.discard("float32")
     if dtypes and format != "tf_saved_model":
         raise ValueError(
@@ -105,13 +117,6 @@ def _check_signature(model, input_signature):
                 f"{built}. For other or variable sizes build the model with "
                 "input_shape=(None, None, 3) and copy the weights."
             )
-
-
-def _run_once(model):
-    """Runs the model on one zero image: Keras' ONNX exporter refuses never-called models."""
-    spec = model.inputs[0]
-    shape = [1] + [64 if size is None else size for size in spec.shape[1:]]
-    model(np.zeros(shape, dtype=spec.dtype), training=False)
 
 
 def export_model(model, path, format="tf_saved_model", input_signature=None, verbose=False,
@@ -168,8 +173,11 @@ def export_model(model, path, format="tf_saved_model", input_signature=None, ver
         raise ValueError("Build the model (give it an input shape) before exporting it.")
     _check_float32(model, format)
     _check_signature(model, input_signature)
-    if not getattr(model, "_called", True):
-        _run_once(model)
+    if format == "onnx" and input_signature is None:
+        # Keras' ONNX exporter refuses a model never called unless given a signature:
+        # the one it would read from the model itself.
+        spec = model.inputs[0]
+        input_signature = [keras.InputSpec(shape=(None, *spec.shape[1:]), dtype=spec.dtype, name=spec.name)]
 
     optimize = False
     if format == "onnx":
@@ -195,13 +203,39 @@ def export_model(model, path, format="tf_saved_model", input_signature=None, ver
         jax2tf_kwargs.setdefault("with_gradient", False)
         kwargs["jax2tf_kwargs"] = jax2tf_kwargs
 
-    # The machine that serves the file is not this one: no tuning for it.
-    with tuning.disabled():
+    # The machine that serves the file is not this one: the reference forms.
+    with forms.exporting(format):
         model.export(str(path), format=format, verbose=verbose, input_signature=input_signature,
                      **kwargs)
+    if format == "onnx":
+        _check_onnx_inputs(path, model)
     if optimize:
         optimize_onnx(path)
     return path
+
+
+def _check_onnx_inputs(path, model):
+    """Removes the file and raises ValueError if it needs inputs besides the model's own.
+
+    tf2onnx writes the tensors a traced function captures (constants a layer keeps as
+    eager tensors, such as `keras.layers.Normalization(mean=..., variance=...)`'s) as
+    required inputs of the file, which then cannot run on images alone.
+    """
+    import os
+
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {init.name for init in graph.initializer}
+    inputs = [value.name for value in graph.input if value.name not in initializers]
+    if len(inputs) > len(model.inputs):
+        os.remove(path)
+        raise ValueError(
+            f"The ONNX file of {model.name!r} would need the inputs {inputs[len(model.inputs):]} besides "
+            "the images: a layer keeps constants as tensors, which tf2onnx writes as inputs (e.g. "
+            "keras.layers.Normalization(mean=..., variance=...)). Use a layer that keeps them as Python "
+            "numbers, such as keras.layers.Rescaling(scale, offset), and export again."
+        )
 
 
 def _require_onnx_file(path):
@@ -297,7 +331,18 @@ def optimize_onnx(path, output_path=None):
     # The opset conversion records inferred shapes, some of which the rewrites changed
     # (the attention's, now batch first); runtimes infer them again.
     del model.graph.value_info[:]
-    counts["shared"] = rewrite.compute_once(model)  # last: it reads the graph the others leave
+    # ONNX Runtime's symbolic shape inference logs "Unable to determine if ... treat as equal"
+    # for each level's crop after the window padding (files of any size): it cannot prove the
+    # map size <= the padded size (floor expressions of the input size), assumes the crop keeps
+    # the whole axis and then merges the two sizes, so the padded maps' inferred shapes are
+    # wrong. compute_once reads only the shapes of what Shape nodes read, and none reads a
+    # padded map (only the crop does); the any-size tests at 97 x 131 and 64 x 80 check that.
+    guesses = _DropMessages("Unable to determine if")
+    logging.getLogger("onnxruntime.tools.symbolic_shape_infer").addFilter(guesses)
+    try:
+        counts["shared"] = rewrite.compute_once(model)  # last: it reads the graph the others leave
+    finally:
+        logging.getLogger("onnxruntime.tools.symbolic_shape_infer").removeFilter(guesses)
     counts["transposes"] = transposes - sum(node.op_type == "Transpose" for node in model.graph.node)
     onnx.save(model, str(output_path or path))
     return counts
@@ -762,21 +807,25 @@ class _Rewrite:
     @staticmethod
     def _symbolic_shapes(model):
         """{tensor: shape as a tuple of ints and symbols} where every dimension is known."""
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+        import os
+        import subprocess
+        import sys
+        import tempfile
 
-        # `SymbolicShapeInference.infer_shapes` runs this loop too, but raises (and saves the
-        # model in the working directory) where some shape stays unknown; what it did infer is
-        # still right, so use that.
-        try:
-            inference = SymbolicShapeInference(int_max=2**31 - 1, auto_merge=True,
-                                               guess_output_rank=False, verbose=0)
-            inference._preprocess(model)
-            while inference.run_:
-                inference._infer_impl()
-            inference._update_output_from_vi()
-            inferred = inference.out_mp_
-        except Exception:  # an operator it does not know: compare Shape nodes by input instead
-            return {}
+        import onnx
+
+        # onnxruntime's symbolic shape inference through its command line, its public interface.
+        # Where some shape stays unknown it fails and saves the model in its working directory
+        # (a temporary one here); then Shape nodes are compared by input instead.
+        with tempfile.TemporaryDirectory() as folder:
+            source, target = os.path.join(folder, "model.onnx"), os.path.join(folder, "shapes.onnx")
+            onnx.save(model, source)
+            command = [sys.executable, "-m", "onnxruntime.tools.symbolic_shape_infer", "--input", source,
+                       "--output", target, "--auto_merge"]
+            run = subprocess.run(command, cwd=folder, capture_output=True)
+            if run.returncode != 0 or not os.path.isfile(target):
+                return {}
+            inferred = onnx.load(target)
         shapes = {}
         for value in list(inferred.graph.value_info) + list(inferred.graph.input):
             dims = tuple(dim.dim_value if dim.HasField("dim_value") else dim.dim_param or None

@@ -11,16 +11,16 @@ The eleven official checkpoints are keras-hub presets named
 the official checkpoint through tfgcvit's safe path (published sha256, cache,
 `TFGCVIT_MIRROR`, no pickle execution), converts it and writes a standard
 preset directory under `<cache>/presets/<name>`; later calls load that
-directory. Importing this module registers the classes and presets with
-keras-hub; `import tfgcvit` does it as soon as keras-hub is imported.
+directory. Importing this module (`import tfgcvit.hub`, or the first use of
+`tfgcvit.GCViTBackbone` and the other keras-hub names) registers the classes and
+presets with keras-hub; `import tfgcvit` alone does not.
 """
 
 import json
 import os
-import shutil
 import sys
-import tempfile
 
+import h5py
 import keras
 
 try:
@@ -48,9 +48,12 @@ from tfgcvit.weights.mapping import load_torch_weights
 
 PACKAGE = "tfgcvit"
 # The files of a keras-hub preset directory that `from_preset` reads.
-PRESET_CONFIG_FILES = ("config.json", "metadata.json", "task.json", "preprocessor.json")
+PRESET_CONFIG_FILES = ("config.json", "metadata.json", "task.json", "preprocessor.json",
+                       "image_converter.json")
 PRESET_WEIGHTS_FILE = "model.weights.h5"
-_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+TASK_WEIGHTS_FILE = "task.weights.h5"  # a classifier's head
+# All that `save_to_preset` writes for a GC ViT model: a folder holding nothing else may be replaced.
+PRESET_FILES = frozenset((*PRESET_CONFIG_FILES, PRESET_WEIGHTS_FILE, TASK_WEIGHTS_FILE))
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -131,7 +134,7 @@ class GCViTBackbone(keras_hub.models.FeaturePyramidBackbone):
     def pyramid_outputs(self):
         # A plain dict: Keras keeps attributes as TrackedDicts, which a JAX
         # `predict` cannot return (`keras.Model(backbone.input, backbone.pyramid_outputs)`).
-        return dict(getattr(self, "_pyramid_outputs", {}))
+        return dict(keras_hub.models.FeaturePyramidBackbone.pyramid_outputs.fget(self) or {})
 
     @pyramid_outputs.setter
     def pyramid_outputs(self, value):
@@ -204,6 +207,15 @@ class GCViTImageClassifierPreprocessor(keras_hub.models.ImageClassifierPreproces
     backbone_cls = GCViTBackbone
     image_converter_cls = GCViTImageConverter
 
+    def load_preset_assets(self, preset):
+        # keras-hub's generic `ImageClassifier.from_preset` calls this before it loads the weights,
+        # and nothing else of ours with the preset: without task.weights.h5 it would give the
+        # classifier a random head, silently. (A preprocessor loaded alone from such a broken
+        # preset is refused too.)
+        super().load_preset_assets(preset)
+        if os.path.isdir(preset):
+            check_preset_directory(preset, task=True)
+
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class GCViTImageClassifier(keras_hub.models.ImageClassifier):
@@ -226,6 +238,10 @@ class GCViTImageClassifier(keras_hub.models.ImageClassifier):
     def from_preset(cls, preset, load_weights=True, **kwargs):
         _check_preset(cls, preset, kwargs, load_weights)
         return super().from_preset(preset, load_weights=load_weights, **kwargs)
+
+    def load_task_weights(self, filepath):
+        """keras-hub's `load_task_weights`, with one clear error for a truncated or mismatched file."""
+        _load_weights_file(super().load_task_weights, filepath)
 
 
 # Errors that name what is wrong ---------------------------------------------------
@@ -250,7 +266,7 @@ def _check_preset(cls, preset, kwargs, load_weights):
     if load_weights and kwargs.get("image_shape") is not None:
         check_image_shape(kwargs["image_shape"], pretrained=True)
     if os.path.isdir(preset):
-        check_preset_directory(preset)
+        check_preset_directory(preset, task=issubclass(cls, keras_hub.models.Task))
     elif "://" not in preset and preset not in cls.presets:
         raise ValueError(
             f"Unknown GC ViT preset {preset!r}. The presets are: {', '.join(sorted(PRESETS))}; "
@@ -258,8 +274,15 @@ def _check_preset(cls, preset, kwargs, load_weights):
         )
 
 
-def check_preset_directory(directory):
-    """Raises one clear error naming the first missing or corrupt file of a preset directory."""
+def check_preset_directory(directory, task=False):
+    """Raises one clear error naming the first missing or corrupt file of a preset directory.
+
+    Args:
+        directory: a keras-hub preset directory.
+        task: check what a classifier needs too: a preset with task.json must
+            hold its head's weights, task.weights.h5 (keras-hub would
+            otherwise give it a random head).
+    """
     config = os.path.join(directory, "config.json")
     if not os.path.isfile(config):
         raise FileNotFoundError(
@@ -275,12 +298,47 @@ def check_preset_directory(directory):
                 json.load(file)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ValueError(f"{path} is corrupt (not readable JSON: {error}); write the preset again.") from None
-    weights = os.path.join(directory, PRESET_WEIGHTS_FILE)
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(f"{weights} is missing from the preset directory; write the preset again.")
-    with open(weights, "rb") as file:
-        if file.read(len(_HDF5_SIGNATURE)) != _HDF5_SIGNATURE:
-            raise ValueError(f"{weights} is corrupt (not an HDF5 weights file); write the preset again.")
+    weights = [PRESET_WEIGHTS_FILE]
+    if task and os.path.exists(os.path.join(directory, "task.json")):
+        weights.append(TASK_WEIGHTS_FILE)
+    for name in weights:
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing from the preset directory {directory}; "
+                                    "write the preset again.")
+        try:
+            h5py.File(path, "r").close()  # reads the superblock: a truncated file fails here
+        except OSError as error:
+            reason = " ".join(str(error).split())
+            raise ValueError(f"{path} is truncated or corrupt, not a whole HDF5 weights file ({reason}); "
+                             "write the preset again.") from None
+
+
+def check_preset_destination(directory, overwrite=False):
+    """Raises FileExistsError unless `save_preset` may write `directory`.
+
+    It may where nothing is (not even a broken symbolic link), and with
+    `overwrite` over a folder that holds only preset files, or nothing: no
+    other file is ever deleted.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    if not os.path.lexists(directory):
+        return
+    if not os.path.isdir(directory):
+        kind = "a file" if os.path.exists(directory) else "a broken symbolic link"
+        raise FileExistsError(f"{directory} exists and is {kind}, not a preset folder; choose another name")
+    here = os.path.realpath(os.getcwd())
+    if os.path.commonpath([here, os.path.realpath(directory)]) == os.path.realpath(directory):
+        raise FileExistsError(f"{directory} holds the current folder; choose another name")
+    with os.scandir(directory) as entries:
+        foreign = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in entries
+                         if entry.name not in PRESET_FILES or entry.is_dir())
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise FileExistsError(f"{directory} exists and is not a preset folder (it holds {shown}); "
+                              "choose another name")
+    if not overwrite:
+        raise FileExistsError(f"{directory} exists; pass --overwrite (overwrite=True) to replace it")
 
 
 # Presets --------------------------------------------------------------------------
@@ -319,29 +377,50 @@ def build_classifier(backbone_arguments, num_classes, image_size, crop_mode="cen
     return classifier
 
 
-def save_preset(model, directory):
+def save_preset(model, directory, overwrite=False):
     """Writes `model.save_to_preset` into `directory` atomically: all files, or none.
 
     The files are written to a temporary sibling folder which then replaces
-    `directory` (an existing one is moved aside first and removed after).
+    `directory` (`download.replaced_atomically`); one writer at a time
+    (`download.FileLock`). An interrupted or failed write leaves nothing.
+
+    Args:
+        model: a keras-hub backbone or task.
+        directory: the preset folder to write.
+        overwrite: replace an existing preset folder (or empty folder). Any
+            other existing entry is refused (`check_preset_destination`).
+
+    Raises:
+        FileExistsError: `directory` exists and may not be replaced.
+        OSError: it cannot be written; the message names `directory` and why.
     """
     directory = os.path.abspath(os.fspath(directory))
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    temporary = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}-", suffix=".part")
+    parent, name = os.path.split(directory)
+    check_preset_destination(directory, overwrite)
+    # model.weights.h5 and task.weights.h5 (the head) hold each weight once; a file and the JSON more.
+    needed = download.weights_file_bytes(model.weights) + 2 * 65536
+    download.check_free_space(directory, needed, what=f"the preset {directory}")
     try:
-        model.save_to_preset(temporary)
-        if os.path.exists(directory):
-            old = temporary + ".old"
-            os.replace(directory, old)
-            os.replace(temporary, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(temporary, directory)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
+        os.makedirs(parent, exist_ok=True)
+        with download.FileLock(os.path.join(parent, "." + name), remove=True):
+            check_preset_destination(directory, overwrite)  # again: another writer may have finished
+            with download.replaced_atomically(directory, folder=True) as temporary:
+                model.save_to_preset(temporary)
+    except FileExistsError:
         raise
+    except OSError as error:
+        # The error names the hidden temporary folder, or nothing (HDF5's): name the destination.
+        reason = os.strerror(error.errno) if error.errno else " ".join(str(error).split())
+        raise OSError(f"cannot write the preset {directory}: {reason}") from None
     return directory
+
+
+def _is_complete_preset(directory):
+    try:
+        check_preset_directory(directory, task=True)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def official_preset_directory(name):
@@ -354,17 +433,17 @@ def official_preset_directory(name):
     if name not in PRESETS:
         raise ValueError(f"Unknown GC ViT preset {name!r}. The presets are: {', '.join(sorted(PRESETS))}.")
     directory = os.path.join(download.cache_dir(), "presets", name)
-    if os.path.isfile(os.path.join(directory, "config.json")):
+    if _is_complete_preset(directory):
         return directory
     record = PRESETS[name]["record"]
     os.makedirs(os.path.dirname(directory), exist_ok=True)
     with download.FileLock(directory):  # one conversion at a time; a waiting process finds the result
-        if not os.path.isfile(os.path.join(directory, "config.json")):
+        if not _is_complete_preset(directory):  # absent, or damaged: written again
             state = pretrained_state_dict(record["variant"], record["pretrain"])
             classifier = build_classifier(
                 backbone_arguments(record["variant"]), 1000, record["input_size"], record["crop_mode"], state
             )
-            save_preset(classifier, directory)
+            save_preset(classifier, directory, overwrite=True)
             sys.stderr.write(f"tfgcvit: wrote the keras-hub preset {name} to {directory}.\n")
     return directory
 

@@ -1,5 +1,5 @@
 """The network: its layers (`layers`), the graph builder and Keras Applications API (`gcvit`),
-and the machine-dependent choices the layers make when traced (`tuning`).
+and which form of a layer runs for the target it is traced for (`forms`).
 
 `from tfgcvit.model import GCViTTiny` names what `tfgcvit.model.gcvit` defines; that
 module is loaded on first use, so importing `tfgcvit.model.layers` (as the weight
@@ -8,11 +8,11 @@ mapping does) does not load the Applications API above it.
 
 import importlib
 
-_MODULES = ("layers", "tuning", "gcvit")
+_MODULES = ("layers", "forms", "gcvit")
 
 
 def __getattr__(name):
-    # `from tfgcvit.model import tuning` asks for the attribute before importing the submodule:
+    # `from tfgcvit.model import forms` asks for the attribute before importing the submodule:
     # answer it with the submodule, not with a name of gcvit (which would import the layers).
     if name in _MODULES:
         return importlib.import_module(f"{__name__}.{name}")

@@ -25,11 +25,44 @@ from tfgcvit.config import (  # noqa: F401  (re-exported: the public home of the
     find_variant,
     variant_name,
 )
-from tfgcvit.model.layers import LAYER_NORM_EPSILON, GCViTLevel, NumpyGlorotUniform, PatchEmbed, ReduceSize
+from tfgcvit.model.layers import (
+    LAYER_NORM_EPSILON,
+    PACKAGE,
+    GCViTLevel,
+    NumpyGlorotUniform,
+    PatchEmbed,
+    ReduceSize,
+)
 from tfgcvit.weights.pretrained import PRETRAIN_NAMES, load_weights
 
 def _is_pretrained(weights):
     return isinstance(weights, str) and weights in PRETRAIN_NAMES
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class ImageSizeCheck(layers.Layer):
+    """Refuses images under `MIN_SIZE` pixels high or wide where their size is known as the model runs.
+
+    A fixed `input_shape` is checked when the model is built; a model for any size
+    (None height or width) is checked here, on the sizes the running model sees:
+    eager calls, JAX and PyTorch (which see every size), and TensorFlow's `predict`
+    and `fit` for the first size they trace. A graph traced for any size (an exported
+    file, or TensorFlow's `predict` / `fit` once Keras retraced them for a second size)
+    sees None and cannot check: keras.ops has no assertion, and the network computes on
+    any size from 1 pixel on (each stride-2 step rounds up), so there a too-small image
+    gets a meaningless answer (docs/input_limits.md).
+    """
+
+    def __init__(self, **kwargs):
+        # Passes the images through unchanged, in their own dtype.
+        super().__init__(autocast=False, **kwargs)
+
+    def call(self, images):
+        check_image_shape(tuple(images.shape[1:]))
+        return images
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
 
 
 def gcvit_graph(
@@ -69,7 +102,8 @@ def gcvit_graph(
     """
     block_options = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate,
                          attn_drop=attn_drop_rate, layer_scale=layer_scale)
-    x = PatchEmbed(embed_dim, dtype=dtype, name="patch_embed")(images)
+    x = ImageSizeCheck(dtype=dtype, name="image_size_check")(images)
+    x = PatchEmbed(embed_dim, dtype=dtype, name="patch_embed")(x)
     x = layers.Dropout(drop_rate, dtype=dtype, name="pos_drop")(x)
     path_drops = np.linspace(0.0, drop_path_rate, sum(depths)).tolist()
     stages = []
@@ -92,10 +126,16 @@ def gcvit_graph(
 
 
 def imagenet_normalization(name="preprocessing", dtype=None):
-    """A layer mapping RGB pixels in [0, 255] to the ImageNet-normalised input of the model."""
-    return layers.Normalization(
-        mean=[255.0 * m for m in IMAGENET_MEAN],
-        variance=[(255.0 * s) ** 2 for s in IMAGENET_STD],
+    """A layer mapping RGB pixels in [0, 255] to the ImageNet-normalised input of the model.
+
+    `Rescaling` rather than `Normalization(mean=..., variance=...)`: Normalization keeps
+    its constants as eager tensors, which a traced function captures as extra inputs,
+    and tf2onnx (Keras' ONNX export) writes those as required inputs of the file.
+    Rescaling's Python constants are traced into the graph.
+    """
+    return layers.Rescaling(
+        scale=[1.0 / (255.0 * s) for s in IMAGENET_STD],
+        offset=[-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)],
         dtype=dtype,
         name=name,
     )
@@ -149,7 +189,8 @@ def GCViT(
             `.safetensors` checkpoint) or an http(s) URL of such a file.
         input_tensor: optional Keras tensor to use as the model input.
         input_shape: (height, width, channels); None dimensions give a model
-            for variable image sizes. Defaults to (default_size, default_size, 3).
+            for variable image sizes (of at least 32 pixels, `ImageSizeCheck`).
+            Defaults to (default_size, default_size, 3).
         pooling: with include_top=False, None returns the normalised last
             feature map (B, h, w, C); "avg" or "max" pools it to (B, C).
         classes: number of classes of the head.
