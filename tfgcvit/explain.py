@@ -172,10 +172,13 @@ def _takes_pixels(model):
     """Whether `model` normalises its input itself (built with `include_preprocessing=True`).
 
     Such a model has its `preprocessing` layer between the image input and the
-    stem, `patch_embed`: it takes RGB pixels in [0, 255]. Otherwise the stem
+    first GC ViT layer (`image_size_check`, or the stem `patch_embed` in models saved
+    before that check existed): it takes RGB pixels in [0, 255]. Otherwise that layer
     reads the input, which must be normalised with `tfgcvit.preprocess_input`.
     """
-    return model.get_layer("patch_embed").input is not model.inputs[0]
+    names = {layer.name for layer in model.layers}
+    first = "image_size_check" if "image_size_check" in names else "patch_embed"
+    return model.get_layer(first).input is not model.inputs[0]
 
 
 def _check_images(model, images):
