@@ -58,7 +58,9 @@ class ImageSizeCheck(layers.Layer):
         super().__init__(autocast=False, **kwargs)
 
     def call(self, images):
-        check_image_shape(tuple(images.shape[1:]))
+        # A size that is not a number (JAX's symbolic dimensions when jax2tf exports for
+        # any size) is unknown here, like TensorFlow's None.
+        check_image_shape(tuple(size if isinstance(size, int) else None for size in images.shape[1:]))
         return images
 
     def compute_output_shape(self, input_shape):
